@@ -1,0 +1,395 @@
+"""The kernel's side: pyfuse3 operations over the vfs view.
+
+Thin on purpose: it maps inodes and handles to vfs paths and files, turns
+Attrs into EntryAttributes, and OSError into FUSEError. Caching policy lives
+in vfs.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pyfuse3
+
+from .remote.protocol import Attrs
+from .vfs.files import OpenFile
+from .vfs.meta import join, parent_of
+from .vfs.vfs import Vfs
+
+log = logging.getLogger(__name__)
+
+ROOT = pyfuse3.ROOT_INODE
+BLKSIZE = 128 * 1024  # st_blksize: cp and friends size their buffers by it
+
+
+@dataclass
+class Presentation:
+    """How server attributes are shown: timeouts and sshfs-style overrides."""
+
+    attr_timeout: float = 20.0
+    entry_timeout: float = 20.0
+    negative_timeout: float = 20.0
+    uid: int | None = None
+    gid: int | None = None
+    umask: int | None = None
+
+
+class InodeTable:
+    """Inode numbers for paths, with the kernel's lookup counts.
+
+    An inode lives until the kernel forgets it, not until it is unlinked: an
+    unlinked inode keeps its last attributes so fstat of an open file works.
+    """
+
+    def __init__(self) -> None:
+        self._path: dict[int, bytes | None] = {ROOT: b""}
+        self._ino: dict[bytes, int] = {b"": ROOT}
+        self._count: dict[int, int] = {ROOT: 1}
+        self._last: dict[int, Attrs] = {}
+        self._next = ROOT + 1
+
+    def path(self, ino: int) -> bytes:
+        p = self._path.get(ino)
+        if p is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return p
+
+    def last_attrs(self, ino: int) -> Attrs | None:
+        return self._last.get(ino)
+
+    def remember(self, path: bytes, attrs: Attrs) -> int:
+        """One more kernel reference to `path`: returns its inode."""
+        ino = self._ino.get(path)
+        if ino is None:
+            ino = self._next
+            self._next += 1
+            self._ino[path] = ino
+            self._path[ino] = path
+            self._count[ino] = 0
+        self._count[ino] += 1
+        self._last[ino] = attrs
+        return ino
+
+    def forget(self, ino: int, n: int) -> None:
+        if ino == ROOT or ino not in self._count:
+            return
+        self._count[ino] -= n
+        if self._count[ino] <= 0:
+            del self._count[ino]
+            self._last.pop(ino, None)
+            p = self._path.pop(ino, None)
+            if p is not None and self._ino.get(p) == ino:
+                del self._ino[p]
+
+    def removed(self, path: bytes) -> None:
+        for p in [p for p in self._ino if p == path or p.startswith(path + b"/")]:
+            self._path[self._ino.pop(p)] = None
+
+    def renamed(self, old: bytes, new: bytes) -> None:
+        self.removed(new)
+        for p in [p for p in self._ino if p == old or p.startswith(old + b"/")]:
+            ino = self._ino.pop(p)
+            np = new + p[len(old):]
+            self._ino[np] = ino
+            self._path[ino] = np
+
+    def __len__(self) -> int:
+        return len(self._count)
+
+
+def _errors(fn: Callable) -> Callable:
+    """Handlers may only raise FUSEError: map OSError, log the unexpected."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args, **kwargs):
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as e:
+            log.debug("%s: %s", fn.__name__, e)
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except Exception:
+            log.exception("internal error in %s", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False  # our write-back lives in user space (DESIGN.md)
+    enable_acl = False
+
+    def __init__(self, vfs: Vfs, show: Presentation) -> None:
+        super().__init__()
+        self.vfs = vfs
+        self.show = show
+        self.inodes = InodeTable()
+        self._files: dict[int, OpenFile] = {}
+        self._dirs: dict[int, list[tuple[bytes, Attrs]]] = {}
+        self._dir_paths: dict[int, bytes] = {}
+        self._next_fh = 1
+
+    # ---- helpers ----------------------------------------------------------------------
+
+    def entry(self, ino: int, a: Attrs) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = ino
+        e.generation = 0
+        e.entry_timeout = self.show.entry_timeout
+        e.attr_timeout = self.show.attr_timeout
+        mode = a.mode if a.mode is not None else stat.S_IFREG | 0o644
+        if self.show.umask is not None:
+            mode = stat.S_IFMT(mode) | (stat.S_IMODE(mode) & ~self.show.umask)
+        e.st_mode = mode
+        e.st_nlink = 1  # SFTP v3 has no link count; 1 tells find not to guess
+        e.st_uid = self.show.uid if self.show.uid is not None else (a.uid or 0)
+        e.st_gid = self.show.gid if self.show.gid is not None else (a.gid or 0)
+        size = a.size or 0
+        e.st_size = size
+        e.st_blksize = BLKSIZE
+        e.st_blocks = (size + 511) // 512
+        mtime_ns = (a.mtime or 0) * 10**9
+        e.st_atime_ns = (a.atime or a.mtime or 0) * 10**9
+        e.st_mtime_ns = mtime_ns
+        e.st_ctime_ns = mtime_ns
+        return e
+
+    def _remember(self, path: bytes, a: Attrs) -> pyfuse3.EntryAttributes:
+        return self.entry(self.inodes.remember(path, a), a)
+
+    def _child(self, parent_ino: int, name: bytes) -> bytes:
+        return join(self.inodes.path(parent_ino), name)
+
+    def _new_fh(self) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        return fh
+
+    # ---- metadata -----------------------------------------------------------------------
+
+    @_errors
+    async def lookup(self, parent_inode, name, ctx=None):
+        parent = self.inodes.path(parent_inode)
+        if name == b".":
+            path = parent
+        elif name == b"..":
+            path = parent_of(parent)
+        else:
+            path = join(parent, name)
+        try:
+            a = await self.vfs.getattr(path)
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                raise
+            # A zero inode is a negative entry the kernel caches for a while.
+            neg = pyfuse3.EntryAttributes()
+            neg.st_ino = 0
+            neg.entry_timeout = self.show.negative_timeout
+            return neg
+        return self._remember(path, a)
+
+    async def forget(self, inode_list):
+        for ino, n in inode_list:
+            self.inodes.forget(ino, n)
+
+    @_errors
+    async def getattr(self, inode, ctx=None):
+        try:
+            path = self.inodes.path(inode)
+        except pyfuse3.FUSEError:
+            last = self.inodes.last_attrs(inode)  # unlinked but still open
+            if last is None:
+                raise
+            return self.entry(inode, last)
+        return self.entry(inode, await self.vfs.getattr(path))
+
+    @_errors
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        path = self.inodes.path(inode) if fh is None or fh not in self._files else None
+        f = self._files.get(fh) if fh is not None else None
+        if path is None and f is not None:
+            path = f.path or b""
+        ch = Attrs()
+        if fields.update_mode:
+            ch.mode = stat.S_IMODE(attr.st_mode)
+        if fields.update_uid or fields.update_gid:
+            cur = await self.vfs.getattr(path)
+            ch.uid = attr.st_uid if fields.update_uid else cur.uid
+            ch.gid = attr.st_gid if fields.update_gid else cur.gid
+        if fields.update_size:
+            ch.size = attr.st_size
+        if fields.update_atime:
+            ch.atime = attr.st_atime_ns // 10**9
+        if fields.update_mtime:
+            ch.mtime = attr.st_mtime_ns // 10**9
+        if ch == Attrs():  # e.g. only ctime: nothing SFTP can set
+            return await self.getattr(inode)
+        a = await self.vfs.setattr(path, ch, f)
+        return self.entry(inode, a)
+
+    @_errors
+    async def readlink(self, inode, ctx):
+        return await self.vfs.readlink(self.inodes.path(inode))
+
+    @_errors
+    async def opendir(self, inode, ctx):
+        path = self.inodes.path(inode)
+        entries = await self.vfs.listdir(path)
+        fh = self._new_fh()
+        self._dirs[fh] = entries  # a snapshot: offsets stay stable while it changes
+        self._dir_paths[fh] = path
+        return fh
+
+    @_errors
+    async def readdir(self, fh, start_id, token):
+        parent = self._dir_paths[fh]
+        entries = self._dirs[fh]
+        for i in range(start_id, len(entries)):
+            name, a = entries[i]
+            ino = self.inodes.remember(join(parent, name), a)
+            # readdirplus: an entry the kernel accepted counts as a lookup.
+            if not pyfuse3.readdir_reply(token, name, self.entry(ino, a), i + 1):
+                self.inodes.forget(ino, 1)
+                return
+
+    @_errors
+    async def releasedir(self, fh):
+        self._dirs.pop(fh, None)
+        self._dir_paths.pop(fh, None)
+
+    @_errors
+    async def fsyncdir(self, fh, datasync):
+        return  # changes are on the server before their syscall returns
+
+    @_errors
+    async def statfs(self, ctx):
+        s = pyfuse3.StatvfsData()
+        v = await self.vfs.statfs()
+        if v is None:  # server without statvfs@openssh.com: report plenty of room
+            s.f_bsize = s.f_frsize = 4096
+            s.f_blocks = s.f_bfree = s.f_bavail = 2**40 // 4096
+            s.f_files = s.f_ffree = s.f_favail = 2**20
+            s.f_namemax = 255
+            return s
+        s.f_bsize = v.bsize
+        s.f_frsize = v.frsize or v.bsize
+        s.f_blocks, s.f_bfree, s.f_bavail = v.blocks, v.bfree, v.bavail
+        s.f_files, s.f_ffree, s.f_favail = v.files, v.ffree, v.favail
+        s.f_namemax = v.namemax or 255
+        return s
+
+    async def access(self, inode, mode, ctx):
+        # The server enforces permissions; only a read-only mount is decided here.
+        return not (mode & os.W_OK and self.vfs.readonly)
+
+    # ---- xattrs: SFTP v3 has none. ENOSYS makes the kernel stop asking and
+    # answer EOPNOTSUPP itself, so `ls -l` and `cp -a` pay nothing for them.
+
+    async def getxattr(self, inode, name, ctx):
+        raise pyfuse3.FUSEError(errno.ENOSYS)
+
+    async def setxattr(self, inode, name, value, ctx):
+        raise pyfuse3.FUSEError(errno.ENOSYS)
+
+    async def listxattr(self, inode, ctx):
+        raise pyfuse3.FUSEError(errno.ENOSYS)
+
+    async def removexattr(self, inode, name, ctx):
+        raise pyfuse3.FUSEError(errno.ENOSYS)
+
+    # ---- changing the tree -----------------------------------------------------------------
+
+    @_errors
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        path = self._child(parent_inode, name)
+        return self._remember(path, await self.vfs.mkdir(path, mode))
+
+    @_errors
+    async def symlink(self, parent_inode, name, target, ctx):
+        path = self._child(parent_inode, name)
+        return self._remember(path, await self.vfs.symlink(path, target))
+
+    @_errors
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        src = self.inodes.path(inode)
+        dst = self._child(new_parent_inode, new_name)
+        return self._remember(dst, await self.vfs.link(src, dst))
+
+    @_errors
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        if not stat.S_ISREG(mode):
+            raise pyfuse3.FUSEError(errno.EPERM)  # SFTP cannot make devices, FIFOs or sockets
+        path = self._child(parent_inode, name)
+        f, a = await self.vfs.create(path, mode, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        await f.release()
+        return self._remember(path, a)
+
+    @_errors
+    async def unlink(self, parent_inode, name, ctx):
+        path = self._child(parent_inode, name)
+        await self.vfs.unlink(path)
+        self.inodes.removed(path)
+
+    @_errors
+    async def rmdir(self, parent_inode, name, ctx):
+        path = self._child(parent_inode, name)
+        await self.vfs.rmdir(path)
+        self.inodes.removed(path)
+
+    @_errors
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise pyfuse3.FUSEError(errno.EINVAL)  # SFTP has no atomic exchange
+        old = self._child(parent_inode_old, name_old)
+        new = self._child(parent_inode_new, name_new)
+        await self.vfs.rename(old, new, noreplace=bool(flags & pyfuse3.RENAME_NOREPLACE))
+        self.inodes.renamed(old, new)
+        for fh, p in self._dir_paths.items():
+            if p == old or p.startswith(old + b"/"):
+                self._dir_paths[fh] = new + p[len(old):]
+
+    # ---- files -----------------------------------------------------------------------------------
+
+    @_errors
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        path = self._child(parent_inode, name)
+        f, a = await self.vfs.create(path, mode, flags)
+        fh = self._new_fh()
+        self._files[fh] = f
+        return pyfuse3.FileInfo(fh=fh, keep_cache=False), self._remember(path, a)
+
+    @_errors
+    async def open(self, inode, flags, ctx):
+        f = await self.vfs.open(self.inodes.path(inode), flags)
+        fh = self._new_fh()
+        self._files[fh] = f
+        return pyfuse3.FileInfo(fh=fh, keep_cache=False)
+
+    @_errors
+    async def read(self, fh, off, size):
+        return await self._files[fh].read(off, size)
+
+    @_errors
+    async def write(self, fh, off, buf):
+        return await self._files[fh].write(off, buf)
+
+    @_errors
+    async def flush(self, fh):
+        await self._files[fh].flush()
+
+    @_errors
+    async def fsync(self, fh, datasync):
+        await self._files[fh].fsync()
+
+    @_errors
+    async def release(self, fh):
+        f = self._files.pop(fh)
+        await f.release()

@@ -1,0 +1,134 @@
+"""Mount lifecycle: check, connect, mount, serve until unmounted.
+
+Every failure before the mount is up is a MountError whose text is the one
+line the user sees. `ready` is called once the kernel mount exists, so the
+command line can detach only when the mount is usable.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import stat
+from collections.abc import Callable
+
+import pyfuse3
+import trio
+
+from . import runtime
+from .fs import Operations, Presentation
+from .options import MountConfig
+from .remote.client import Remote
+from .remote.sftp import SftpSession
+from .remote.ssh import SshError, connect
+from .vfs.vfs import Vfs
+
+log = logging.getLogger(__name__)
+
+FUSE_DEVICE = "/dev/fuse"
+
+
+class MountError(Exception):
+    """Mounting failed; str() is a one-line message for the user."""
+
+
+def check_mountpoint(cfg: MountConfig) -> None:
+    mp = cfg.mountpoint
+    try:
+        st = os.stat(mp)
+    except FileNotFoundError:
+        raise MountError(f"mount point {mp} does not exist") from None
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            raise MountError(f"mount point {mp} is a dead sftpfs mount; "
+                             f"clear it with: fusermount3 -u {mp}") from None
+        raise MountError(f"mount point {mp}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise MountError(f"mount point {mp} is not a directory")
+    if runtime.is_mounted(mp):
+        raise MountError(f"{mp} is already a mount point")
+    if not cfg.nonempty and any(os.scandir(mp)):
+        raise MountError(f"mount point {mp} is not empty (use -o nonempty to mount over it)")
+
+
+def check_fuse_device() -> None:
+    try:
+        st = os.stat(FUSE_DEVICE)
+    except FileNotFoundError:
+        raise MountError(f"{FUSE_DEVICE} does not exist: load the fuse kernel module "
+                         f"(modprobe fuse) or, in a container, pass the device in") from None
+    if not stat.S_ISCHR(st.st_mode) or st.st_rdev != os.makedev(10, 229):
+        raise MountError(f"{FUSE_DEVICE} is not the FUSE device")
+    try:
+        os.close(os.open(FUSE_DEVICE, os.O_RDWR))
+    except OSError as e:
+        raise MountError(f"cannot open {FUSE_DEVICE}: {e.strerror}") from None
+
+
+async def open_remote(cfg: MountConfig) -> tuple[Remote, bytes]:
+    """Connect and resolve the remote root; errors become MountError."""
+    ssh_opts = cfg.ssh
+
+    async def new_session() -> SftpSession:
+        transport, _target = await trio.to_thread.run_sync(connect, ssh_opts)
+        return await SftpSession.start(transport, request_timeout=cfg.timeout)
+
+    try:
+        session = await new_session()
+    except SshError as e:
+        raise MountError(str(e)) from None
+    except OSError as e:
+        raise MountError(f"cannot start SFTP on {cfg.host}: {e.strerror or e}") from None
+    # Reconnects happen unattended: never prompt for a password or passphrase again.
+    ssh_opts.batch_mode = True
+    remote = Remote(new_session, session)
+    want = cfg.remote_path or "."
+    try:
+        root = await remote.realpath(os.fsencode(want))
+        a = await remote.stat(root)
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            raise MountError(f"remote path '{want}' does not exist on {cfg.host}") from None
+        raise MountError(f"remote path '{want}' on {cfg.host}: {e.strerror}") from None
+    if not a.is_dir:
+        raise MountError(f"remote path '{want}' on {cfg.host} is not a directory")
+    return remote, root
+
+
+async def serve(cfg: MountConfig, ready: Callable[[], None]) -> None:
+    remote, root = await open_remote(cfg)
+    vfs = Vfs(remote, root, meta_ttl=cfg.cache_timeout, readonly=cfg.readonly)
+    show = Presentation(attr_timeout=cfg.attr_timeout, entry_timeout=cfg.entry_timeout,
+                        negative_timeout=cfg.negative_timeout, uid=cfg.uid, gid=cfg.gid,
+                        umask=cfg.umask)
+    ops = Operations(vfs, show)
+    try:
+        pyfuse3.init(ops, str(cfg.mountpoint), cfg.fuse_options())
+    except RuntimeError as e:
+        remote.close()
+        raise MountError(f"cannot mount on {cfg.mountpoint}: {e}") from None
+    log.info("mounted %s on %s", cfg.source, cfg.mountpoint)
+    unmounted = False
+    try:
+        async with trio.open_nursery() as n:
+            await n.start(vfs.run)
+            n.start_soon(_stop_on_signal)
+            ready()
+            await pyfuse3.main()
+            unmounted = True
+            n.cancel_scope.cancel()
+    finally:
+        remote.close()
+        pyfuse3.close(unmount=not unmounted)
+        log.info("unmounted %s", cfg.mountpoint)
+
+
+async def _stop_on_signal() -> None:
+    """SIGTERM/SIGINT end the session cleanly (the kernel mount is removed)."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for sig in signals:
+            log.info("received signal %d, unmounting", sig)
+            pyfuse3.terminate()
+            return

@@ -1,0 +1,497 @@
+"""An SFTP v3 client for trio with many requests in flight on one channel.
+
+paramiko's SFTPClient is blocking, caps requests at 32 KiB and waits for each
+reply in turn. Here a reader thread parses replies and hands them to trio by
+request id, a writer thread owns the channel's send side, and trio tasks only
+queue a packet and wait on an event. N concurrent stats therefore cost one
+round trip, and reads and writes go out in the largest size the server allows.
+
+Threads never touch session state: every reply is delivered with
+``TrioToken.run_sync_soon``, so `_pending` is only used from the trio thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import Awaitable, Callable, Iterable
+
+import paramiko
+import trio
+
+from . import protocol as p
+from .errors import ConnectionLost, RequestTimeout, SftpError
+
+log = logging.getLogger(__name__)
+
+WINDOW_SIZE = 64 * 2**20  # bytes the server may send before we ack: covers many reads in flight
+MAX_PACKET = 2**18
+DEFAULT_IO_SIZE = 32768  # what every SFTP server accepts; raised by limits@openssh.com
+READDIR_AHEAD = 4  # READDIRs in flight per listing (OpenSSH answers them in order)
+
+
+class _Waiter:
+    __slots__ = ("event", "body", "error")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.body: bytes | None = None
+        self.error: BaseException | None = None
+
+
+class _Slots:
+    """Acquire n units of a semaphore (requests in flight) and give them back."""
+
+    def __init__(self, sem: trio.Semaphore, n: int) -> None:
+        self.sem, self.n, self.got = sem, n, 0
+
+    async def __aenter__(self) -> None:
+        try:
+            while self.got < self.n:
+                await self.sem.acquire()
+                self.got += 1
+        except BaseException:
+            await self.__aexit__()
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        for _ in range(self.got):
+            self.sem.release()
+        self.got = 0
+
+
+class SftpSession:
+    """One SFTP channel. Create with `await SftpSession.start(transport)`."""
+
+    def __init__(self, chan: paramiko.Channel, version: int, exts: dict[bytes, bytes], *,
+                 request_timeout: float, max_inflight: int) -> None:
+        self.chan = chan
+        self.version = version
+        self.extensions = exts
+        self.request_timeout = request_timeout
+        self.max_read = DEFAULT_IO_SIZE
+        self.max_write = DEFAULT_IO_SIZE
+        self.closed = False
+        self.close_reason = ""
+        self._ids = itertools.count(1)
+        self._pending: dict[int, _Waiter] = {}
+        self._slots = trio.Semaphore(max_inflight)
+        self._sendq: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._token = trio.lowlevel.current_trio_token()
+        self._last_rx = trio.current_time()
+        self._threads = [
+            threading.Thread(target=self._read_loop, name="sftp-reader", daemon=True),
+            threading.Thread(target=self._write_loop, name="sftp-writer", daemon=True),
+        ]
+
+    # ---- setup and teardown -------------------------------------------------
+
+    @classmethod
+    async def start(cls, transport: paramiko.Transport, *, request_timeout: float = 30.0,
+                    max_inflight: int = 64) -> SftpSession:
+        chan, version, exts = await trio.to_thread.run_sync(_open_channel, transport, request_timeout)
+        self = cls(chan, version, exts, request_timeout=request_timeout, max_inflight=max_inflight)
+        for t in self._threads:
+            t.start()
+        if self.has(b"limits@openssh.com"):
+            lim = p.Limits.decode(await self._extended(b"limits@openssh.com"))
+            # Leave room for the packet header in the server's max packet length.
+            cap = max(DEFAULT_IO_SIZE, (lim.max_packet or 2**18) - 1024)
+            self.max_read = min(lim.max_read or cap, cap)
+            self.max_write = min(lim.max_write or cap, cap)
+        log.debug("SFTP v%d, extensions %s, read %d, write %d", version,
+                  sorted(k.decode(errors="replace") for k in exts), self.max_read, self.max_write)
+        return self
+
+    def has(self, ext: bytes) -> bool:
+        return ext in self.extensions
+
+    def close(self, reason: str = "closed") -> None:
+        """Drop the channel and fail every waiting request."""
+        if self.closed:
+            return
+        self.closed = True
+        self.close_reason = reason
+        self._sendq.put(None)
+        try:
+            self.chan.close()
+        except Exception:  # noqa: BLE001 - closing a broken channel may raise anything
+            pass
+        self._fail_all(reason)
+
+    # ---- threads -------------------------------------------------------------
+
+    def _read_loop(self) -> None:
+        buf = bytearray()
+        reason = "server closed the SFTP channel"
+        try:
+            while True:
+                data = self.chan.recv(1 << 20)
+                if not data:
+                    break
+                buf += data
+                pos = 0
+                while len(buf) - pos >= 4:
+                    n = int.from_bytes(buf[pos : pos + 4], "big")
+                    if len(buf) - pos - 4 < n:
+                        break
+                    body = bytes(buf[pos + 4 : pos + 4 + n])
+                    pos += 4 + n
+                    self._token.run_sync_soon(self._deliver, body)
+                del buf[:pos]
+        except trio.RunFinishedError:
+            return
+        except Exception as e:  # noqa: BLE001 - any transport failure ends the session
+            reason = f"SFTP channel failed: {e}"
+        try:
+            self._token.run_sync_soon(self.close, reason)
+        except trio.RunFinishedError:
+            pass
+
+    def _write_loop(self) -> None:
+        while True:
+            data = self._sendq.get()
+            if data is None:
+                return
+            try:
+                self.chan.sendall(data)
+            except Exception as e:  # noqa: BLE001
+                try:
+                    self._token.run_sync_soon(self.close, f"SFTP send failed: {e}")
+                except trio.RunFinishedError:
+                    pass
+                return
+
+    # ---- trio side -------------------------------------------------------------
+
+    def _deliver(self, body: bytes) -> None:
+        self._last_rx = trio.current_time()
+        if len(body) < 5:
+            return
+        w = self._pending.pop(int.from_bytes(body[1:5], "big"), None)
+        if w is not None:
+            w.body = body
+            w.event.set()
+
+    def _fail_all(self, reason: str) -> None:
+        pending, self._pending = self._pending, {}
+        for w in pending.values():
+            w.error = ConnectionLost(f"SFTP connection lost: {reason}")
+            w.event.set()
+
+    async def request(self, ptype: int, *fields: bytes) -> tuple[int, p.Reader]:
+        """Send one request and wait for its reply: (reply type, reader after the id)."""
+        (reply,) = await self.pipeline((ptype, *fields))
+        return reply
+
+    async def pipeline(self, *requests: tuple) -> list[tuple[int, p.Reader]]:
+        """Send requests back to back, in order, then wait for all replies.
+
+        OpenSSH handles a channel's requests in order, so e.g. OPEN then LSTAT
+        of the same path creates and stats a file in one round trip.
+        """
+        waiters: list[tuple[int, _Waiter]] = []
+        async with _Slots(self._slots, len(requests)):
+            if self.closed:
+                raise ConnectionLost(f"SFTP connection lost: {self.close_reason}")
+            for ptype, *fields in requests:
+                rid = next(self._ids) & 0xFFFFFFFF
+                w = _Waiter()
+                self._pending[rid] = w
+                waiters.append((rid, w))
+                self._sendq.put(p.packet(ptype, rid, *fields))
+            try:
+                for _rid, w in waiters:
+                    await self._wait(w)
+            finally:
+                for rid, _w in waiters:
+                    self._pending.pop(rid, None)
+        out = []
+        for _rid, w in waiters:
+            if w.error is not None:
+                raise w.error
+            assert w.body is not None
+            out.append((w.body[0], p.Reader(w.body, 5)))
+        return out
+
+    async def submit(self, ptype: int, *fields: bytes) -> Callable[[], Awaitable[tuple[int, p.Reader]]]:
+        """Queue a request now, in call order, and return a function awaiting its reply.
+
+        Writes use this: the request is on the wire before the syscall
+        returns, so a later read or write of the same file cannot overtake it.
+        """
+        await self._slots.acquire()
+        if self.closed:
+            self._slots.release()
+            raise ConnectionLost(f"SFTP connection lost: {self.close_reason}")
+        rid = next(self._ids) & 0xFFFFFFFF
+        w = _Waiter()
+        self._pending[rid] = w
+        self._sendq.put(p.packet(ptype, rid, *fields))
+
+        async def reply() -> tuple[int, p.Reader]:
+            try:
+                await self._wait(w)
+            finally:
+                self._pending.pop(rid, None)
+                self._slots.release()
+            if w.error is not None:
+                raise w.error
+            assert w.body is not None
+            return w.body[0], p.Reader(w.body, 5)
+
+        return reply
+
+    async def _wait(self, w: _Waiter) -> None:
+        # A slow reply is fine while the server keeps sending something; silence
+        # for a whole timeout means the link is dead, and a syscall must not hang.
+        while True:
+            with trio.move_on_after(self.request_timeout):
+                await w.event.wait()
+                return
+            if trio.current_time() - self._last_rx >= self.request_timeout:
+                self.close(f"no answer for {self.request_timeout:g} s")
+                raise RequestTimeout(self.request_timeout)
+
+    async def _status(self, ptype: int, *fields: bytes, path: bytes | None = None) -> None:
+        rtype, r = await self.request(ptype, *fields)
+        _check_status(rtype, r, path)
+
+    async def _extended(self, name: bytes, *fields: bytes, path: bytes | None = None) -> p.Reader:
+        rtype, r = await self.request(p.FXP_EXTENDED, p.string(name), *fields)
+        if rtype == p.FXP_EXTENDED_REPLY:
+            return r
+        _check_status(rtype, r, path)
+        return r
+
+    async def _expect(self, want: int, ptype: int, *fields: bytes, path: bytes | None = None) -> p.Reader:
+        rtype, r = await self.request(ptype, *fields)
+        if rtype != want:
+            _check_status(rtype, r, path)
+            raise SftpError(p.FX_BAD_MESSAGE, f"unexpected reply type {rtype}", path)
+        return r
+
+    # ---- operations -----------------------------------------------------------
+
+    async def realpath(self, path: bytes) -> bytes:
+        r = await self._expect(p.FXP_NAME, p.FXP_REALPATH, p.string(path), path=path)
+        if r.u32() < 1:
+            raise SftpError(p.FX_BAD_MESSAGE, "empty REALPATH reply", path)
+        return r.string()
+
+    async def stat(self, path: bytes) -> p.Attrs:
+        return (await self._expect(p.FXP_ATTRS, p.FXP_STAT, p.string(path), path=path)).attrs()
+
+    async def lstat(self, path: bytes) -> p.Attrs:
+        return (await self._expect(p.FXP_ATTRS, p.FXP_LSTAT, p.string(path), path=path)).attrs()
+
+    async def fstat(self, handle: bytes) -> p.Attrs:
+        return (await self._expect(p.FXP_ATTRS, p.FXP_FSTAT, p.string(handle))).attrs()
+
+    async def setstat(self, path: bytes, attrs: p.Attrs) -> None:
+        await self._status(p.FXP_SETSTAT, p.string(path), attrs.encode(), path=path)
+
+    async def lsetstat(self, path: bytes, attrs: p.Attrs) -> None:
+        """setstat that does not follow a symlink (lsetstat@openssh.com)."""
+        await self._extended(b"lsetstat@openssh.com", p.string(path), attrs.encode(), path=path)
+
+    async def fsetstat(self, handle: bytes, attrs: p.Attrs) -> None:
+        await self._status(p.FXP_FSETSTAT, p.string(handle), attrs.encode())
+
+    async def open(self, path: bytes, pflags: int, attrs: p.Attrs | None = None) -> bytes:
+        fields = (p.string(path), p.u32(pflags), (attrs or p.Attrs()).encode())
+        return (await self._expect(p.FXP_HANDLE, p.FXP_OPEN, *fields, path=path)).string()
+
+    async def opendir(self, path: bytes) -> bytes:
+        return (await self._expect(p.FXP_HANDLE, p.FXP_OPENDIR, p.string(path), path=path)).string()
+
+    async def close_handle(self, handle: bytes) -> None:
+        await self._status(p.FXP_CLOSE, p.string(handle))
+
+    async def read(self, handle: bytes, offset: int, length: int) -> bytes:
+        """Up to `length` bytes at `offset`; b"" at end of file."""
+        rtype, r = await self.request(p.FXP_READ, p.string(handle), p.u64(offset), p.u32(length))
+        if rtype == p.FXP_DATA:
+            return r.string()
+        if rtype == p.FXP_STATUS and r.u32() == p.FX_EOF:
+            return b""
+        r.pos = 5
+        _check_status(rtype, r, None)
+        raise SftpError(p.FX_BAD_MESSAGE, f"unexpected reply type {rtype}")
+
+    async def write(self, handle: bytes, offset: int, data: bytes | memoryview) -> None:
+        await (await self.submit_write(handle, offset, data))()
+
+    async def submit_write(self, handle: bytes, offset: int,
+                           data: bytes | memoryview) -> Callable[[], Awaitable[None]]:
+        """Put a WRITE on the wire now; the returned function awaits its status."""
+        reply = await self.submit(p.FXP_WRITE, p.string(handle), p.u64(offset), p.string(bytes(data)))
+
+        async def status() -> None:
+            rtype, r = await reply()
+            _check_status(rtype, r, None)
+
+        return status
+
+    async def fstat_and_close(self, handle: bytes) -> p.Attrs | None:
+        """Final attributes of a written file and its close, in one round trip."""
+        (t1, r1), (t2, r2) = await self.pipeline((p.FXP_FSTAT, p.string(handle)),
+                                                 (p.FXP_CLOSE, p.string(handle)))
+        _check_status(t2, r2, None)
+        return r1.attrs() if t1 == p.FXP_ATTRS else None
+
+    async def listdir(self, path: bytes) -> list[tuple[bytes, bytes | None, p.Attrs]]:
+        """All entries of a directory: (name, longname, attrs), '.' and '..' included.
+
+        READDIRs go out several at a time on the one handle; OpenSSH answers
+        them in order, so a large listing streams instead of costing a round
+        trip per batch of ~100 names.
+        """
+        handle = await self.opendir(path)
+        out: list[tuple[bytes, bytes | None, p.Attrs]] = []
+        try:
+            done = False
+            while not done:
+                replies = await self.pipeline(*[(p.FXP_READDIR, p.string(handle))] * READDIR_AHEAD)
+                for rtype, r in replies:
+                    batch = _names(rtype, r, path)
+                    if batch is None:
+                        done = True
+                        break
+                    out.extend(batch)
+        finally:
+            if not self.closed:
+                try:
+                    await self.close_handle(handle)
+                except OSError:
+                    pass
+        return out
+
+    async def open_and_lstat(self, path: bytes, pflags: int, attrs: p.Attrs) -> tuple[bytes, p.Attrs]:
+        """Open (create) a file and stat it in one round trip."""
+        (t1, r1), (t2, r2) = await self.pipeline(
+            (p.FXP_OPEN, p.string(path), p.u32(pflags), attrs.encode()),
+            (p.FXP_LSTAT, p.string(path)))
+        if t1 != p.FXP_HANDLE:
+            _check_status(t1, r1, path)
+            raise SftpError(p.FX_BAD_MESSAGE, f"unexpected reply type {t1}", path)
+        handle = r1.string()
+        if t2 != p.FXP_ATTRS:
+            _check_status(t2, r2, path)
+        return handle, r2.attrs()
+
+    async def then_lstat(self, ptype: int, *fields: bytes, path: bytes) -> p.Attrs:
+        """A STATUS request on `path` followed by an LSTAT of it, in one round trip."""
+        (t1, r1), (t2, r2) = await self.pipeline((ptype, *fields), (p.FXP_LSTAT, p.string(path)))
+        _check_status(t1, r1, path)
+        if t2 != p.FXP_ATTRS:
+            _check_status(t2, r2, path)
+            raise SftpError(p.FX_BAD_MESSAGE, f"unexpected reply type {t2}", path)
+        return r2.attrs()
+
+    async def remove(self, path: bytes) -> None:
+        await self._status(p.FXP_REMOVE, p.string(path), path=path)
+
+    async def mkdir(self, path: bytes, attrs: p.Attrs) -> None:
+        await self._status(p.FXP_MKDIR, p.string(path), attrs.encode(), path=path)
+
+    async def rmdir(self, path: bytes) -> None:
+        await self._status(p.FXP_RMDIR, p.string(path), path=path)
+
+    async def rename(self, old: bytes, new: bytes) -> None:
+        """Plain SFTP rename: fails if `new` exists."""
+        await self._status(p.FXP_RENAME, p.string(old), p.string(new), path=old)
+
+    async def posix_rename(self, old: bytes, new: bytes) -> None:
+        """rename(2) semantics: atomically replaces `new` (posix-rename@openssh.com)."""
+        await self._extended(b"posix-rename@openssh.com", p.string(old), p.string(new), path=old)
+
+    async def readlink(self, path: bytes) -> bytes:
+        r = await self._expect(p.FXP_NAME, p.FXP_READLINK, p.string(path), path=path)
+        if r.u32() < 1:
+            raise SftpError(p.FX_BAD_MESSAGE, "empty READLINK reply", path)
+        return r.string()
+
+    async def symlink(self, target: bytes, linkpath: bytes) -> None:
+        # OpenSSH swapped the arguments of SYMLINK long ago and every client
+        # follows it (PROTOCOL section 4.1): target first, then the link.
+        await self._status(p.FXP_SYMLINK, p.string(target), p.string(linkpath), path=linkpath)
+
+    async def hardlink(self, old: bytes, new: bytes) -> None:
+        await self._extended(b"hardlink@openssh.com", p.string(old), p.string(new), path=new)
+
+    async def statvfs(self, path: bytes) -> p.Statvfs:
+        return p.Statvfs.decode(await self._extended(b"statvfs@openssh.com", p.string(path), path=path))
+
+    async def fsync(self, handle: bytes) -> None:
+        await self._extended(b"fsync@openssh.com", p.string(handle))
+
+
+def _names(rtype: int, r: p.Reader, path: bytes) -> list | None:
+    """Entries of one READDIR reply; None at end of directory."""
+    if rtype == p.FXP_STATUS:
+        if r.u32() == p.FX_EOF:
+            return None
+        r.pos = 5
+        _check_status(rtype, r, path)
+    if rtype != p.FXP_NAME:
+        raise SftpError(p.FX_BAD_MESSAGE, f"unexpected reply type {rtype}", path)
+    entries = []
+    for _ in range(r.u32()):
+        name = r.string()
+        longname = r.string()
+        entries.append((name, longname, r.attrs()))
+    return entries
+
+
+def _check_status(rtype: int, r: p.Reader, path: bytes | None) -> None:
+    if rtype != p.FXP_STATUS:
+        return
+    code = r.u32()
+    if code == p.FX_OK:
+        return
+    msg = ""
+    try:
+        msg = r.string().decode("utf-8", "replace")
+    except Exception:  # noqa: BLE001 - the message is optional in practice
+        pass
+    raise SftpError(code, msg, path)
+
+
+def _open_channel(transport: paramiko.Transport, timeout: float) -> tuple[paramiko.Channel, int, dict]:
+    """Blocking: open the sftp subsystem and exchange INIT/VERSION."""
+    chan = transport.open_session(window_size=WINDOW_SIZE, max_packet_size=MAX_PACKET, timeout=timeout)
+    chan.settimeout(timeout)
+    chan.invoke_subsystem("sftp")
+    chan.sendall(p.packet(p.FXP_INIT, None, p.u32(3)))
+    header = _recv_exact(chan, 4)
+    body = _recv_exact(chan, int.from_bytes(header, "big"))
+    if body[0] != p.FXP_VERSION:
+        raise ConnectionLost(f"server did not start SFTP (got packet type {body[0]})")
+    version, exts = p.parse_version(body[1:])
+    chan.settimeout(None)
+    return chan, version, exts
+
+
+def _recv_exact(chan: paramiko.Channel, n: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        data = chan.recv(n - len(out))
+        if not data:
+            raise ConnectionLost("server closed the channel during SFTP setup "
+                                 "(is the sftp subsystem enabled?)")
+        out += data
+    return bytes(out)
+
+
+def valid_names(entries: Iterable[tuple[bytes, bytes | None, p.Attrs]]):
+    """Drop names a server must never send: they would escape the directory."""
+    for name, _longname, attrs in entries:
+        if name in (b".", b".."):
+            continue
+        if not name or b"/" in name or b"\0" in name:
+            log.warning("ignoring invalid file name from server: %r", name)
+            continue
+        yield name, attrs

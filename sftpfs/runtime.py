@@ -1,0 +1,80 @@
+"""Where sftpfs keeps its files, and what the system says is mounted.
+
+XDG base directories, created private (0700): cache and logs may name remote
+files, which is nobody else's business.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+
+
+def _xdg(var: str, default: str) -> Path:
+    v = os.environ.get(var)
+    return Path(v) if v and os.path.isabs(v) else Path.home() / default
+
+
+def cache_home() -> Path:
+    return _xdg("XDG_CACHE_HOME", ".cache") / "sftpfs"
+
+
+def state_home() -> Path:
+    return _xdg("XDG_STATE_HOME", ".local/state") / "sftpfs"
+
+
+def runtime_home() -> Path:
+    v = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(v) if v and os.path.isabs(v) else Path(f"/tmp/sftpfs-{os.getuid()}")
+    return base / "sftpfs" if v else base
+
+
+def private_dir(path: Path) -> Path:
+    """Create `path` (and parents) and make sure only its owner can enter it."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = path.stat()
+    if st.st_uid != os.getuid():
+        raise PermissionError(f"{path} belongs to another user")
+    if st.st_mode & 0o077:
+        path.chmod(0o700)
+    return path
+
+
+def canonical(mountpoint: Path) -> bytes:
+    """Absolute real path of a mount point, without stat'ing the point itself.
+
+    A stat of a mounted sftpfs is answered by its daemon, which may be this
+    very process (deadlock) or a dead one (ENOTCONN).
+    """
+    mp = os.path.abspath(mountpoint)
+    return os.fsencode(os.path.join(os.path.realpath(os.path.dirname(mp)), os.path.basename(mp)))
+
+
+def pidfile(mountpoint: Path) -> Path:
+    key = hashlib.sha256(canonical(mountpoint)).hexdigest()[:16]
+    return runtime_home() / f"mount-{key}.pid"
+
+
+_ESCAPE = re.compile(rb"\\([0-7]{3})")
+
+
+def _unescape(field: bytes) -> bytes:
+    return _ESCAPE.sub(lambda m: bytes([int(m[1], 8)]), field)
+
+
+def mounts() -> list[tuple[bytes, bytes, bytes]]:
+    """(source, mount point, type) of every mount, from /proc/self/mounts."""
+    out = []
+    with open("/proc/self/mounts", "rb") as f:
+        for line in f:
+            parts = line.split(b" ")
+            if len(parts) >= 3:
+                out.append((_unescape(parts[0]), _unescape(parts[1]), parts[2]))
+    return out
+
+
+def is_mounted(mountpoint: Path, fstype_prefix: bytes = b"") -> bool:
+    target = canonical(mountpoint)
+    return any(mp == target and t.startswith(fstype_prefix) for _s, mp, t in mounts())

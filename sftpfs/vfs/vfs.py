@@ -1,0 +1,211 @@
+"""The local view of the remote tree: server state as cached, plus our changes.
+
+Path-based (bytes relative to the mount root, b"" is the root); the fs layer
+above maps inodes to paths. Every change goes to the server first and then
+updates the cache, so the view never shows what the server refused.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+
+import trio
+
+from ..remote import protocol as p
+from ..remote.client import Remote
+from ..remote.errors import SftpError
+from .files import OpenFile, open_flags_to_pflags
+from .meta import MetaCache, is_below, join, parent_of
+
+log = logging.getLogger(__name__)
+
+NAME_MAX = 255
+
+
+def _err(code: int, what: str = "") -> OSError:
+    return OSError(code, os.strerror(code) + (f": {what}" if what else ""))
+
+
+class Vfs:
+    def __init__(self, remote: Remote, root: bytes, *, meta_ttl: float, readonly: bool = False) -> None:
+        self.remote = remote
+        self.root = root.rstrip(b"/")
+        self.meta = MetaCache(meta_ttl)
+        self.readonly = readonly
+        self.open_files: set[OpenFile] = set()
+        self.nursery: trio.Nursery  # set by run()
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Own the background tasks (write completions) until cancelled."""
+        async with trio.open_nursery() as n:
+            self.nursery = n
+            task_status.started()
+            await trio.sleep_forever()
+
+    def rpath(self, path: bytes) -> bytes:
+        return self.root + b"/" + path if path else (self.root or b"/")
+
+    def _check_write(self, path: bytes | None = None) -> None:
+        if self.readonly:
+            raise _err(errno.EROFS)
+        if path is not None and len(path.rpartition(b"/")[2]) > NAME_MAX:
+            raise _err(errno.ENAMETOOLONG)
+
+    # ---- reading the tree -----------------------------------------------------------
+
+    async def getattr(self, path: bytes) -> p.Attrs:
+        a = self.meta.attrs(path)
+        if a is not None:
+            return a
+        if self.meta.absent(path):
+            raise _err(errno.ENOENT)
+        if len(path.rpartition(b"/")[2]) > NAME_MAX:
+            raise _err(errno.ENAMETOOLONG)
+        try:
+            a = await self.remote.lstat(self.rpath(path))
+        except SftpError as e:
+            if e.errno == errno.ENOENT:
+                self.meta.put_absent(path)
+            raise
+        self.meta.put_attrs(path, a)
+        return a
+
+    async def listdir(self, path: bytes) -> list[tuple[bytes, p.Attrs]]:
+        cached = self.meta.listing(path)
+        if cached is not None:
+            return cached
+        entries = await self.remote.listdir(self.rpath(path))
+        self.meta.put_listing(path, entries)
+        return sorted(entries)
+
+    async def readlink(self, path: bytes) -> bytes:
+        return await self.remote.readlink(self.rpath(path))
+
+    async def statfs(self) -> p.Statvfs | None:
+        return await self.remote.statvfs(self.rpath(b""))
+
+    # ---- changing the tree ------------------------------------------------------------
+
+    async def mkdir(self, path: bytes, mode: int) -> p.Attrs:
+        self._check_write(path)
+        a = await self.remote.mkdir(self.rpath(path), mode)
+        self.meta.added(path, a)
+        self._touch_dir(parent_of(path))
+        return a
+
+    async def symlink(self, path: bytes, target: bytes) -> p.Attrs:
+        self._check_write(path)
+        a = await self.remote.symlink(target, self.rpath(path))
+        self.meta.added(path, a)
+        self._touch_dir(parent_of(path))
+        return a
+
+    async def link(self, src: bytes, dst: bytes) -> p.Attrs:
+        self._check_write(dst)
+        a = await self.remote.hardlink(self.rpath(src), self.rpath(dst))
+        self.meta.added(dst, a)
+        self.meta.invalidate(src)  # its ctime changed
+        self._touch_dir(parent_of(dst))
+        return a
+
+    async def unlink(self, path: bytes) -> None:
+        self._check_write()
+        await self.remote.remove(self.rpath(path))
+        self._gone(path)
+
+    async def rmdir(self, path: bytes) -> None:
+        self._check_write()
+        await self.remote.rmdir(self.rpath(path))
+        self._gone(path)
+
+    async def rename(self, old: bytes, new: bytes, *, noreplace: bool = False) -> None:
+        self._check_write(new)
+        if noreplace and self.meta.attrs(new) is not None:
+            raise _err(errno.EEXIST)
+        await self.remote.rename(self.rpath(old), self.rpath(new), replace=not noreplace)
+        self.meta.renamed(old, new)
+        self._touch_dir(parent_of(old))
+        self._touch_dir(parent_of(new))
+        for f in self.open_files:
+            if f.path is not None:
+                if f.path == new and not is_below(new, old):
+                    f.path = None  # replaced: still open, no longer reachable
+                elif is_below(f.path, old):
+                    f.path = new + f.path[len(old):]
+                    f.remote.path = self.rpath(f.path)
+
+    async def setattr(self, path: bytes, changes: p.Attrs, file: OpenFile | None = None) -> p.Attrs:
+        """chmod/chown/utimens/truncate in one SETSTAT; returns the new attributes."""
+        self._check_write()
+        if file is not None:
+            await file.flush()
+        if (changes.atime is None) != (changes.mtime is None):
+            # SFTP v3 sets both times or neither: keep the one not being changed.
+            cur = await self.getattr(path) if file is None or file.path else await file.remote.fstat()
+            changes.atime = cur.atime if changes.atime is None else changes.atime
+            changes.mtime = cur.mtime if changes.mtime is None else changes.mtime
+        if file is not None and (file.path is None or changes.size is not None):
+            await file.remote.fsetstat(changes)
+            a = await file.remote.fstat()
+        else:
+            cached = self.meta.attrs(path)
+            follow = not (cached is not None and cached.is_link)
+            a = await self.remote.setstat(self.rpath(path), changes, follow=follow)
+        if file is None or file.path is not None:
+            self.meta.put_attrs(path, a)
+        return a
+
+    # ---- files ----------------------------------------------------------------------------
+
+    async def create(self, path: bytes, mode: int, flags: int) -> tuple[OpenFile, p.Attrs]:
+        self._check_write(path)
+        pflags = open_flags_to_pflags(flags) | p.FXF_CREAT | p.FXF_WRITE
+        rf = self.remote.open(self.rpath(path), pflags)
+        a = await rf.create(mode)
+        self.meta.added(path, a)
+        self._touch_dir(parent_of(path))
+        f = OpenFile(self, path, rf, writable=True)
+        self.open_files.add(f)
+        return f, a
+
+    async def open(self, path: bytes, flags: int) -> OpenFile:
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
+        if writable:
+            self._check_write()
+        rf = self.remote.open(self.rpath(path), open_flags_to_pflags(flags))
+        await rf.open()
+        if flags & os.O_TRUNC:
+            self.meta.update(path, size=0, mtime=int(time.time()))
+        f = OpenFile(self, path, rf, writable=writable)
+        self.open_files.add(f)
+        return f
+
+    def wrote(self, path: bytes, end: int) -> None:
+        """A write reached the server's queue: the cached size must not lag behind."""
+        a = self.meta.attrs(path)
+        size = max(end, a.size or 0) if a is not None else None
+        self.meta.update(path, size=size, mtime=int(time.time()))
+
+    def closed(self, f: OpenFile, attrs: p.Attrs | None) -> None:
+        self.open_files.discard(f)
+        if f.path is not None and attrs is not None:
+            self.meta.put_attrs(f.path, attrs)
+
+    # ---- cache upkeep ------------------------------------------------------------------------
+
+    def _gone(self, path: bytes) -> None:
+        self.meta.removed(path)
+        self._touch_dir(parent_of(path))
+        for f in self.open_files:
+            if f.path is not None and is_below(f.path, path):
+                f.path = None
+
+    def _touch_dir(self, path: bytes) -> None:
+        """Changing a directory's entries changes its mtime, on the server too."""
+        self.meta.update(path, mtime=int(time.time()))
+
+    def child(self, parent: bytes, name: bytes) -> bytes:
+        return join(parent, name)
