@@ -60,6 +60,9 @@ class InodeTable:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return p
 
+    def ino_of(self, path: bytes) -> int:
+        return self._ino.get(path, ROOT)
+
     def last_attrs(self, ino: int) -> Attrs | None:
         return self._last.get(ino)
 
@@ -242,9 +245,12 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def opendir(self, inode, ctx):
         path = self.inodes.path(inode)
-        entries = await self.vfs.listdir(path)
+        listing = await self.vfs.listdir(path)
+        here = await self.vfs.getattr(path)
+        up = await self.vfs.getattr(parent_of(path)) if path else here
         fh = self._new_fh()
-        self._dirs[fh] = entries  # a snapshot: offsets stay stable while it changes
+        # A snapshot: offsets stay stable while the directory changes.
+        self._dirs[fh] = [(b".", here), (b"..", up), *listing]
         self._dir_paths[fh] = path
         return fh
 
@@ -254,6 +260,12 @@ class Operations(pyfuse3.Operations):
         entries = self._dirs[fh]
         for i in range(start_id, len(entries)):
             name, a = entries[i]
+            if name in (b".", b".."):
+                # The kernel takes no reference for these (fuse_direntplus_link).
+                path = parent if name == b"." else parent_of(parent)
+                if not pyfuse3.readdir_reply(token, name, self.entry(self.inodes.ino_of(path), a), i + 1):
+                    return
+                continue
             ino = self.inodes.remember(join(parent, name), a)
             # readdirplus: an entry the kernel accepted counts as a lookup.
             if not pyfuse3.readdir_reply(token, name, self.entry(ino, a), i + 1):

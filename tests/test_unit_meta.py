@@ -1,0 +1,78 @@
+"""Metadata cache: freshness, negative entries, and our own changes."""
+
+from sftpfs.remote.protocol import Attrs
+from sftpfs.vfs.meta import MetaCache
+
+F = Attrs(size=1, mode=0o100644, mtime=1)
+D = Attrs(size=4096, mode=0o040755, mtime=1)
+
+
+class Clock:
+    t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def cache(ttl=10):
+    clock = Clock()
+    return MetaCache(ttl, clock), clock
+
+
+def test_listing_answers_lookups_and_misses():
+    m, _ = cache()
+    m.put_listing(b"d", [(b"a", F), (b"sub", D)])
+    assert m.attrs(b"d/a") == F
+    assert m.absent(b"d/nope")
+    assert not m.absent(b"d/a")
+    assert not m.absent(b"other/x")  # nothing known about "other"
+    assert [n for n, _ in m.listing(b"d")] == [b"a", b"sub"]
+
+
+def test_entries_expire():
+    m, clock = cache(ttl=5)
+    m.put_listing(b"", [(b"a", F)])
+    clock.t = 6
+    assert m.attrs(b"a") is None
+    assert not m.absent(b"zzz")
+    assert m.listing(b"") is None
+
+
+def test_own_changes_update_listing():
+    m, _ = cache()
+    m.put_listing(b"", [(b"a", F), (b"d", D)])
+    m.put_listing(b"d", [(b"x", F)])
+    m.added(b"b", F)
+    assert not m.absent(b"b")
+    m.removed(b"a")
+    assert m.absent(b"a") and m.attrs(b"a") is None
+    m.renamed(b"d", b"e")
+    assert m.absent(b"d") and m.attrs(b"d/x") is None
+    assert m.attrs(b"e/x") == F
+    assert [n for n, _ in m.listing(b"e")] == [b"x"]
+
+
+def test_rename_over_existing_drops_target_subtree():
+    m, _ = cache()
+    m.put_listing(b"", [(b"a", F), (b"b", D)])
+    m.put_listing(b"b", [(b"old", F)])
+    m.renamed(b"a", b"b")
+    assert m.attrs(b"b") == F
+    assert m.attrs(b"b/old") is None
+
+
+def test_relisting_drops_vanished_subtrees():
+    m, _ = cache()
+    m.put_listing(b"", [(b"d", D)])
+    m.put_listing(b"d", [(b"x", F)])
+    m.put_listing(b"", [])
+    assert m.attrs(b"d/x") is None and m.listing(b"d") is None
+
+
+def test_update_keeps_age():
+    m, clock = cache(ttl=5)
+    m.put_attrs(b"a", F)
+    clock.t = 4
+    assert m.update(b"a", size=9).size == 9
+    clock.t = 6
+    assert m.attrs(b"a") is None

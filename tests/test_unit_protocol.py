@@ -1,0 +1,66 @@
+"""Wire format: byte-exact against the SFTP v3 draft."""
+
+import errno
+import struct
+
+import pytest
+
+from sftpfs.remote import protocol as p
+from sftpfs.remote.errors import SftpError
+
+
+def test_attrs_roundtrip_all_fields():
+    a = p.Attrs(size=2**40 + 3, uid=1000, gid=100, mode=0o100644, atime=1, mtime=2**31 + 5)
+    r = p.Reader(a.encode())
+    assert r.attrs() == a
+    assert r.at_end()
+
+
+def test_attrs_encode_only_what_is_set():
+    assert p.Attrs().encode() == b"\0\0\0\0"
+    assert p.Attrs(mode=0o755).encode() == struct.pack(">II", p.ATTR_PERMISSIONS, 0o755)
+
+
+def test_attrs_times_and_ids_travel_together():
+    with pytest.raises(ValueError):
+        p.Attrs(atime=1).encode()
+    with pytest.raises(ValueError):
+        p.Attrs(uid=1).encode()
+
+
+def test_attrs_extended_pairs_are_skipped():
+    body = struct.pack(">IQ", p.ATTR_SIZE | p.ATTR_EXTENDED, 7) + struct.pack(">I", 1)
+    body += p.string(b"name@x") + p.string(b"value") + b"tail"
+    r = p.Reader(body)
+    assert r.attrs() == p.Attrs(size=7)
+    assert r.buf[r.pos:] == b"tail"
+
+
+def test_packet_framing():
+    pkt = p.packet(p.FXP_LSTAT, 7, p.string(b"/x"))
+    assert pkt == struct.pack(">IBI", 1 + 4 + 4 + 2, p.FXP_LSTAT, 7) + b"\0\0\0\x02/x"
+    assert p.packet(p.FXP_INIT, None, p.u32(3)) == struct.pack(">IBI", 5, p.FXP_INIT, 3)
+
+
+def test_parse_version_with_extensions():
+    payload = p.u32(3) + p.string(b"posix-rename@openssh.com") + p.string(b"1")
+    assert p.parse_version(payload) == (3, {b"posix-rename@openssh.com": b"1"})
+
+
+def test_truncated_string_is_an_error():
+    with pytest.raises(ValueError):
+        p.Reader(p.u32(10) + b"abc").string()
+
+
+@pytest.mark.parametrize(("status", "code"), [
+    (p.FX_NO_SUCH_FILE, errno.ENOENT),
+    (p.FX_PERMISSION_DENIED, errno.EACCES),
+    (p.FX_FAILURE, errno.EIO),
+    (p.FX_OP_UNSUPPORTED, errno.ENOTSUP),
+    (p.FX_BAD_MESSAGE, errno.EINVAL),
+])
+def test_status_errno(status, code):
+    e = SftpError(status, "", b"/x")
+    assert e.errno == code
+    refined = e.with_errno(errno.ENOSPC)
+    assert refined.errno == errno.ENOSPC and "space" in refined.strerror
