@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyfuse3
+import trio
 
 from .remote.protocol import Attrs
 from .vfs.files import OpenFile
@@ -380,10 +381,23 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def open(self, inode, flags, ctx):
-        f = await self.vfs.open(self.inodes.path(inode), flags)
+        f, changed = await self.vfs.open(self.inodes.path(inode), flags)
+        if changed:
+            # Another writer changed the file: the kernel's size and mtime are
+            # stale. Attribute-only invalidation takes no kernel lock an open
+            # holds; still, run it in a thread and never wait for it long.
+            with trio.move_on_after(1):
+                await self._invalidate_attrs(inode)
         fh = self._new_fh()
         self._files[fh] = f
         return pyfuse3.FileInfo(fh=fh, keep_cache=False)
+
+    async def _invalidate_attrs(self, inode: int) -> None:
+        try:
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, True,
+                                          abandon_on_cancel=True)
+        except OSError as e:  # the kernel may have forgotten the inode already
+            log.debug("invalidate_inode(%d): %s", inode, e)
 
     @_errors
     async def read(self, fh, off, size):

@@ -311,11 +311,12 @@ class RemoteFile:
             self._session, self._handle = s, handle
             return s, handle
 
-    async def open(self) -> None:
-        await self._open()
+    async def open(self, mode: int = 0o644) -> p.Attrs:
+        """Open (or create, per pflags) and stat the file in one round trip.
 
-    async def create(self, mode: int) -> p.Attrs:
-        """Create (per pflags) and stat the new file in one round trip."""
+        The stat is what close-to-open consistency needs: every open sees the
+        server's current version of the file.
+        """
         s = await self.remote.session()
         async with self._lock:
             try:

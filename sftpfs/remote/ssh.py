@@ -428,11 +428,11 @@ class _Carrier:
         # already be gone (closing a chain races with its reader threads).
         with contextlib.suppress(EOFError, OSError, paramiko.SSHException):
             self._sock.close()
-        with self._lock:
-            release, self._released = not self._released, True
-        if release:
-            with contextlib.suppress(EOFError, OSError, paramiko.SSHException):
-                self._release()
+        with self._lock:  # a second closer waits until the release is done
+            if not self._released:
+                self._released = True
+                with contextlib.suppress(EOFError, OSError, paramiko.SSHException):
+                    self._release()
 
 
 class _ProxyCommand(_Carrier):
@@ -851,6 +851,8 @@ class _Authenticator:
 
     # --- publickey
     def _publickey(self) -> bool:
+        if "publickey" not in self.allowed:
+            return False
         for label, key in self._keys():
             if "publickey" not in self.allowed:
                 return False
@@ -862,6 +864,8 @@ class _Authenticator:
             if self._attempt("publickey", lambda k=key: self.t.auth_publickey(self.user, k)):
                 log.debug("accepted public key %s", label)
                 return True
+        if not self.tried_blobs:
+            self._note("no usable key in the agent or identity files")
         return False
 
     def _keys(self) -> Iterator[tuple[str, paramiko.PKey]]:

@@ -121,12 +121,13 @@ class OpenFile:
             await self.flush()
         except OSError as e:
             error = e
+        since = self.vfs.meta.mark()
         try:
             attrs = await self.remote.close(stat=self.wrote)
         except OSError as e:
             error = error or e
             attrs = None
-        self.vfs.closed(self, attrs)
+        self.vfs.closed(self, attrs, since)
         if error is not None:
             raise error
 

@@ -44,6 +44,30 @@ class MetaCache:
         self.clock = clock
         self._attrs: dict[bytes, tuple[Attrs, float]] = {}
         self._dirs: dict[bytes, tuple[set[bytes], float]] = {}
+        # Bumped by every change of a path's attributes, so an answer that was
+        # requested before a change can be told apart and dropped.
+        self._changed: dict[bytes, int] = {}
+        self._tick = 0
+
+    def mark(self) -> int:
+        """A point in time for `put_attrs_if_unchanged`."""
+        return self._tick
+
+    def _bump(self, path: bytes) -> None:
+        self._tick += 1
+        self._changed[path] = self._tick
+        parent = parent_of(path)
+        self._changed[b"\0entries\0" + parent] = self._tick  # its listing changed too
+        if len(self._changed) > 200_000:
+            # Requests in flight span a few thousand changes at most.
+            horizon = self._tick - 100_000
+            self._changed = {k: v for k, v in self._changed.items() if v > horizon}
+
+    def changed_since(self, path: bytes, since: int) -> bool:
+        return self._changed.get(path, 0) > since
+
+    def _entries_changed_since(self, path: bytes, since: int) -> bool:
+        return self._changed.get(b"\0entries\0" + path, 0) > since
 
     def _fresh(self, t: float) -> bool:
         return self.clock() - t < self.ttl
@@ -80,13 +104,29 @@ class MetaCache:
 
     def put_attrs(self, path: bytes, attrs: Attrs) -> None:
         self._attrs[path] = (attrs, self.clock())
+        self._bump(path)
 
-    def put_listing(self, path: bytes, entries: Iterable[tuple[bytes, Attrs]]) -> None:
+    def put_attrs_if_unchanged(self, path: bytes, attrs: Attrs, since: int) -> None:
+        """Store an answer requested at `since`, unless the path changed after that."""
+        if not self.changed_since(path, since):
+            self.put_attrs(path, attrs)
+
+    def put_listing(self, path: bytes, entries: Iterable[tuple[bytes, Attrs]],
+                    since: int | None = None) -> None:
+        """Store a listing requested at `since` (None: just now).
+
+        If entries changed locally while it was in flight, it is no longer
+        complete: keep the attributes of untouched names, not the listing.
+        """
         now = self.clock()
         names = set()
         for name, a in entries:
             names.add(name)
-            self._attrs[join(path, name)] = (a, now)
+            p = join(path, name)
+            if since is None or not self.changed_since(p, since):
+                self._attrs[p] = (a, now)
+        if since is not None and self._entries_changed_since(path, since):
+            return
         # Entries that vanished take their cached subtree with them.
         old = self._dirs.get(path)
         if old is not None:
@@ -105,6 +145,7 @@ class MetaCache:
 
     def added(self, path: bytes, attrs: Attrs) -> None:
         self._attrs[path] = (attrs, self.clock())
+        self._bump(path)
         hit = self._dirs.get(parent_of(path))
         if hit is not None:
             hit[0].add(name_of(path))
@@ -124,6 +165,7 @@ class MetaCache:
         self._drop_tree(old)
         for p, v in moved_attrs.items():
             self._attrs[new + p[len(old):]] = v
+            self._bump(new + p[len(old):])
         for p, v in moved_dirs.items():
             self._dirs[new + p[len(old):]] = v
         src_dir = self._dirs.get(parent_of(old))
@@ -140,11 +182,13 @@ class MetaCache:
             return None
         a = replace(hit[0], **{k: v for k, v in changes.items() if v is not None})
         self._attrs[path] = (a, hit[1])
+        self._bump(path)
         return a
 
     def invalidate(self, path: bytes) -> None:
         """Forget the attributes of `path` (not its listing membership)."""
         self._attrs.pop(path, None)
+        self._bump(path)
 
     def invalidate_dir(self, path: bytes) -> None:
         self._dirs.pop(path, None)
@@ -155,6 +199,7 @@ class MetaCache:
         return hit is None or hit[0].is_dir or top in self._dirs
 
     def _drop_tree(self, top: bytes) -> None:
+        self._bump(top)
         if not self._has_subtree(top):
             del self._attrs[top]
             return

@@ -64,22 +64,24 @@ class Vfs:
             raise _err(errno.ENOENT)
         if len(path.rpartition(b"/")[2]) > NAME_MAX:
             raise _err(errno.ENAMETOOLONG)
+        since = self.meta.mark()
         try:
             a = await self.remote.lstat(self.rpath(path))
         except SftpError as e:
-            if e.errno == errno.ENOENT:
+            if e.errno == errno.ENOENT and not self.meta.changed_since(path, since):
                 self.meta.put_absent(path)
             raise
-        self.meta.put_attrs(path, a)
+        self.meta.put_attrs_if_unchanged(path, a, since)
         return a
 
     async def listdir(self, path: bytes) -> list[tuple[bytes, p.Attrs]]:
         cached = self.meta.listing(path)
         if cached is not None:
             return cached
+        since = self.meta.mark()
         entries = await self.remote.listdir(self.rpath(path))
-        self.meta.put_listing(path, entries)
-        return sorted(entries)
+        self.meta.put_listing(path, entries, since)
+        return self.meta.listing(path) or sorted(entries)
 
     async def readlink(self, path: bytes) -> bytes:
         return await self.remote.readlink(self.rpath(path))
@@ -164,24 +166,26 @@ class Vfs:
         self._check_write(path)
         pflags = open_flags_to_pflags(flags) | p.FXF_CREAT | p.FXF_WRITE
         rf = self.remote.open(self.rpath(path), pflags)
-        a = await rf.create(mode)
+        a = await rf.open(mode)
         self.meta.added(path, a)
         self._touch_dir(parent_of(path))
         f = OpenFile(self, path, rf, writable=True)
         self.open_files.add(f)
         return f, a
 
-    async def open(self, path: bytes, flags: int) -> OpenFile:
+    async def open(self, path: bytes, flags: int) -> tuple[OpenFile, bool]:
+        """Open a file; also says whether the server's version differs from the cached one."""
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
         if writable:
             self._check_write()
         rf = self.remote.open(self.rpath(path), open_flags_to_pflags(flags))
-        await rf.open()
-        if flags & os.O_TRUNC:
-            self.meta.update(path, size=0, mtime=int(time.time()))
+        cached = self.meta.attrs(path)
+        a = await rf.open()
+        changed = cached is not None and (cached.size, cached.mtime) != (a.size, a.mtime)
+        self.meta.put_attrs(path, a)
         f = OpenFile(self, path, rf, writable=writable)
         self.open_files.add(f)
-        return f
+        return f, changed
 
     def wrote(self, path: bytes, end: int) -> None:
         """A write reached the server's queue: the cached size must not lag behind."""
@@ -189,10 +193,12 @@ class Vfs:
         size = max(end, a.size or 0) if a is not None else None
         self.meta.update(path, size=size, mtime=int(time.time()))
 
-    def closed(self, f: OpenFile, attrs: p.Attrs | None) -> None:
+    def closed(self, f: OpenFile, attrs: p.Attrs | None, since: int) -> None:
+        """The kernel's RELEASE comes asynchronously, possibly after a later
+        utimens or chmod (rsync does both right after close): their answer wins."""
         self.open_files.discard(f)
         if f.path is not None and attrs is not None:
-            self.meta.put_attrs(f.path, attrs)
+            self.meta.put_attrs_if_unchanged(f.path, attrs, since)
 
     # ---- cache upkeep ------------------------------------------------------------------------
 
