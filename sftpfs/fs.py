@@ -12,6 +12,7 @@ import functools
 import logging
 import os
 import stat
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -91,13 +92,24 @@ class InodeTable:
             if p is not None and self._ino.get(p) == ino:
                 del self._ino[p]
 
+    def _subtree(self, path: bytes) -> list[bytes]:
+        """Known paths at or below `path`; only a directory needs a scan."""
+        ino = self._ino.get(path)
+        if ino is None:
+            return []  # the kernel holds a directory's inode while it holds any child
+        last = self._last.get(ino)
+        if last is not None and not last.is_dir:
+            return [path]
+        prefix = path + b"/"
+        return [p for p in self._ino if p == path or p.startswith(prefix)]
+
     def removed(self, path: bytes) -> None:
-        for p in [p for p in self._ino if p == path or p.startswith(path + b"/")]:
+        for p in self._subtree(path):
             self._path[self._ino.pop(p)] = None
 
     def renamed(self, old: bytes, new: bytes) -> None:
         self.removed(new)
-        for p in [p for p in self._ino if p == old or p.startswith(old + b"/")]:
+        for p in self._subtree(old):
             ino = self._ino.pop(p)
             np = new + p[len(old):]
             self._ino[np] = ino
@@ -108,22 +120,40 @@ class InodeTable:
 
 
 def _errors(fn: Callable) -> Callable:
-    """Handlers may only raise FUSEError: map OSError, log the unexpected."""
+    """Handlers may only raise FUSEError: map OSError, log the unexpected.
+
+    With -d, every request is logged with its duration and outcome.
+    """
+    name = fn.__name__
 
     @functools.wraps(fn)
     async def wrapper(*args, **kwargs):
+        t0 = time.perf_counter() if log.isEnabledFor(logging.DEBUG) else None
+        outcome = "ok"
         try:
             return await fn(*args, **kwargs)
-        except pyfuse3.FUSEError:
+        except pyfuse3.FUSEError as e:
+            outcome = errno.errorcode.get(e.errno, str(e.errno))
             raise
         except OSError as e:
-            log.debug("%s: %s", fn.__name__, e)
+            outcome = f"{errno.errorcode.get(e.errno or errno.EIO, e.errno)} ({e.strerror})"
             raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
         except Exception:
-            log.exception("internal error in %s", fn.__name__)
+            outcome = "internal error"
+            log.exception("internal error in %s", name)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            if t0 is not None:
+                log.debug("%s%r: %s in %.2f ms", name, _brief(args[1:]), outcome,
+                          (time.perf_counter() - t0) * 1000)
 
     return wrapper
+
+
+def _brief(args: tuple) -> tuple:
+    """Request arguments for the debug log: no file contents, no request contexts."""
+    return tuple(f"<{len(a)} bytes>" if isinstance(a, bytes) and len(a) > 64 else a
+                 for a in args if not isinstance(a, pyfuse3.RequestContext))
 
 
 class Operations(pyfuse3.Operations):

@@ -116,7 +116,7 @@ async def serve(cfg: MountConfig, ready: Callable[[], None]) -> None:
             await n.start(vfs.run)
             n.start_soon(_stop_on_signal)
             ready()
-            await pyfuse3.main()
+            await pyfuse3.main(min_tasks=8, max_tasks=64)
             unmounted = True
             n.cancel_scope.cancel()
     finally:

@@ -7,6 +7,7 @@ from sftpfs.fs import ROOT, InodeTable
 from sftpfs.remote.protocol import Attrs
 
 A = Attrs(size=0, mode=0o100644)
+D = Attrs(size=0, mode=0o040755)
 
 
 def test_lookup_counts_and_forget():
@@ -30,7 +31,7 @@ def test_root_is_never_forgotten():
 
 def test_rename_moves_subtree_and_replaces_target():
     t = InodeTable()
-    d = t.remember(b"d", A)
+    d = t.remember(b"d", D)
     x = t.remember(b"d/x", A)
     old_target = t.remember(b"e", A)
     t.renamed(b"d", b"e")

@@ -195,10 +195,17 @@ class Remote:
         except SftpError as e:
             raise await self._refine(e, new, exists=errno.EEXIST) from None
 
-    async def setstat(self, path: bytes, attrs: p.Attrs, *, follow: bool = True) -> p.Attrs:
-        """Change attributes; returns the path's attributes afterwards (one round trip)."""
+    async def setstat(self, path: bytes, attrs: p.Attrs, *, follow: bool = True,
+                      stat: bool = True) -> p.Attrs | None:
+        """Change attributes; with `stat`, return them afterwards (same round trip)."""
         s = await self.session()
         try:
+            if not stat:
+                if not follow and s.has(b"lsetstat@openssh.com"):
+                    await s.lsetstat(path, attrs)
+                else:
+                    await s.setstat(path, attrs)
+                return None
             if not follow and s.has(b"lsetstat@openssh.com"):
                 return await s.then_lstat(p.FXP_EXTENDED, p.string(b"lsetstat@openssh.com"),
                                           p.string(path), attrs.encode(), path=path)

@@ -1,13 +1,14 @@
 """An SFTP v3 client for trio with many requests in flight on one channel.
 
 paramiko's SFTPClient is blocking, caps requests at 32 KiB and waits for each
-reply in turn. Here a reader thread parses replies and hands them to trio by
-request id, a writer thread owns the channel's send side, and trio tasks only
-queue a packet and wait on an event. N concurrent stats therefore cost one
-round trip, and reads and writes go out in the largest size the server allows.
+reply in turn. Here trio tasks queue a packet and wait on an event; replies
+are parsed in the trio thread (which waits on paramiko's channel pipe) and
+matched by request id. N concurrent stats therefore cost one round trip, and
+reads and writes go out in the largest size the server allows.
 
-Threads never touch session state: every reply is delivered with
-``TrioToken.run_sync_soon``, so `_pending` is only used from the trio thread.
+Sending happens in the trio thread when it cannot block, else in a writer
+thread that owns the channel's send side while the window is full; order is
+kept either way. Session state is only touched from the trio thread.
 """
 
 from __future__ import annotations
@@ -81,10 +82,9 @@ class SftpSession:
         self._sendq: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._token = trio.lowlevel.current_trio_token()
         self._last_rx = trio.current_time()
-        self._threads = [
-            threading.Thread(target=self._read_loop, name="sftp-reader", daemon=True),
-            threading.Thread(target=self._write_loop, name="sftp-writer", daemon=True),
-        ]
+        self._send_lock = threading.Lock()
+        self._backlog = 0  # packets handed to the writer thread and not yet sent
+        self._writer = threading.Thread(target=self._write_loop, name="sftp-writer", daemon=True)
 
     # ---- setup and teardown -------------------------------------------------
 
@@ -93,8 +93,8 @@ class SftpSession:
                     max_inflight: int = 64) -> SftpSession:
         chan, version, exts = await trio.to_thread.run_sync(_open_channel, transport, request_timeout)
         self = cls(chan, version, exts, request_timeout=request_timeout, max_inflight=max_inflight)
-        for t in self._threads:
-            t.start()
+        self._writer.start()
+        trio.lowlevel.spawn_system_task(self._read_loop, name="sftp-reader")
         if self.has(b"limits@openssh.com"):
             lim = p.Limits.decode(await self._extended(b"limits@openssh.com"))
             # Leave room for the packet header in the server's max packet length.
@@ -121,14 +121,25 @@ class SftpSession:
             pass
         self._fail_all(reason)
 
-    # ---- threads -------------------------------------------------------------
+    # ---- I/O ---------------------------------------------------------------------
 
-    def _read_loop(self) -> None:
+    async def _read_loop(self) -> None:
+        """Parse replies as they arrive, in the trio thread.
+
+        paramiko marks a pipe readable whenever the channel has data, so trio
+        waits on it like any socket: no thread hand-off per reply.
+        """
         buf = bytearray()
         reason = "server closed the SFTP channel"
+        fd = self.chan.fileno()
         try:
-            while True:
-                data = self.chan.recv(1 << 20)
+            while not self.closed:
+                await trio.lowlevel.wait_readable(fd)
+                if not self.chan.recv_ready():
+                    if self.chan.closed or self.chan.eof_received:
+                        break
+                    continue
+                data = self.chan.recv(1 << 20)  # data is ready: this does not block
                 if not data:
                     break
                 buf += data
@@ -137,18 +148,29 @@ class SftpSession:
                     n = int.from_bytes(buf[pos : pos + 4], "big")
                     if len(buf) - pos - 4 < n:
                         break
-                    body = bytes(buf[pos + 4 : pos + 4 + n])
+                    self._deliver(bytes(buf[pos + 4 : pos + 4 + n]))
                     pos += 4 + n
-                    self._token.run_sync_soon(self._deliver, body)
                 del buf[:pos]
-        except trio.RunFinishedError:
-            return
         except Exception as e:  # noqa: BLE001 - any transport failure ends the session
             reason = f"SFTP channel failed: {e}"
-        try:
-            self._token.run_sync_soon(self.close, reason)
-        except trio.RunFinishedError:
-            pass
+        self.close(reason)
+
+    def _send(self, data: bytes) -> None:
+        """Send a packet, keeping order with packets queued before it.
+
+        Small packets go out directly from the trio thread when the writer
+        thread is idle and the channel window has room (no blocking, no
+        hand-off); anything else waits its turn in the writer's queue.
+        """
+        with self._send_lock:
+            if self._backlog == 0 and self.chan.out_window_size >= len(data) + 1024:
+                try:
+                    self.chan.sendall(data)
+                except Exception as e:  # noqa: BLE001
+                    self.close(f"SFTP send failed: {e}")
+                return
+            self._backlog += 1
+        self._sendq.put(data)
 
     def _write_loop(self) -> None:
         while True:
@@ -163,6 +185,9 @@ class SftpSession:
                 except trio.RunFinishedError:
                     pass
                 return
+            finally:
+                with self._send_lock:
+                    self._backlog -= 1
 
     # ---- trio side -------------------------------------------------------------
 
@@ -201,7 +226,7 @@ class SftpSession:
                 w = _Waiter()
                 self._pending[rid] = w
                 waiters.append((rid, w))
-                self._sendq.put(p.packet(ptype, rid, *fields))
+                self._send(p.packet(ptype, rid, *fields))
             try:
                 for _rid, w in waiters:
                     await self._wait(w)
@@ -229,7 +254,7 @@ class SftpSession:
         rid = next(self._ids) & 0xFFFFFFFF
         w = _Waiter()
         self._pending[rid] = w
-        self._sendq.put(p.packet(ptype, rid, *fields))
+        self._send(p.packet(ptype, rid, *fields))
 
         async def reply() -> tuple[int, p.Reader]:
             try:

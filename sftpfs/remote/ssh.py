@@ -871,7 +871,7 @@ class _Authenticator:
     def _keys(self) -> Iterator[tuple[str, paramiko.PKey]]:
         yield from self._agent_keys()
         for path, explicit in self.s.identity_files:
-            if _public_blob(path) in self.tried_blobs:
+            if self.tried_blobs and _public_blob(path) in self.tried_blobs:
                 continue  # the agent already offered it
             key = self._load_identity(path, explicit)
             if key is not None:
@@ -974,6 +974,8 @@ class _Authenticator:
                 if typed:
                     _TYPED_PASSWORDS[self.s.target] = password
                 return True
+            if typed:
+                _TYPED_PASSWORDS.pop(self.s.target, None)
         return False
 
     def _passwords(self) -> Iterator[tuple[str, bool]]:
@@ -987,8 +989,9 @@ class _Authenticator:
             else:
                 yield password, False
             return
-        if self.s.target in _TYPED_PASSWORDS:
-            yield _TYPED_PASSWORDS.pop(self.s.target), True
+        remembered = _TYPED_PASSWORDS.get(self.s.target)
+        if remembered is not None:
+            yield remembered, True
         if not self._may_prompt("a password"):
             return
         for _ in range(PASSWORD_TRIES):

@@ -161,7 +161,8 @@ class MetaCache:
             moved_attrs = {p: v for p, v in self._attrs.items() if is_below(p, old)}
             moved_dirs = {p: v for p, v in self._dirs.items() if is_below(p, old)}
         else:
-            moved_attrs, moved_dirs = {old: self._attrs[old]}, {}
+            moved_attrs = {old: self._attrs[old]} if old in self._attrs else {}
+            moved_dirs = {}
         self._drop_tree(old)
         for p, v in moved_attrs.items():
             self._attrs[new + p[len(old):]] = v
@@ -194,14 +195,20 @@ class MetaCache:
         self._dirs.pop(path, None)
 
     def _has_subtree(self, top: bytes) -> bool:
-        # Only directories have cached descendants; skip the scan for files.
+        """Only a known directory has cached descendants: files need no scan.
+
+        Descendants are cached only after their directory was (a path walk
+        looks up every component), and dropping a directory drops them.
+        """
+        if top in self._dirs:
+            return True
         hit = self._attrs.get(top)
-        return hit is None or hit[0].is_dir or top in self._dirs
+        return hit is not None and hit[0].is_dir
 
     def _drop_tree(self, top: bytes) -> None:
         self._bump(top)
         if not self._has_subtree(top):
-            del self._attrs[top]
+            self._attrs.pop(top, None)
             return
         for p in [p for p in self._attrs if is_below(p, top)]:
             del self._attrs[p]

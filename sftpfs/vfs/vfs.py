@@ -29,6 +29,15 @@ def _err(code: int, what: str = "") -> OSError:
     return OSError(code, os.strerror(code) + (f": {what}" if what else ""))
 
 
+def _applied(a: p.Attrs, ch: p.Attrs) -> p.Attrs:
+    """Attributes after a successful SETSTAT of `ch`."""
+    mode = a.mode if ch.mode is None else (a.mode or 0) & ~0o7777 | ch.mode
+    return p.Attrs(size=a.size if ch.size is None else ch.size,
+                   uid=a.uid if ch.uid is None else ch.uid, gid=a.gid if ch.gid is None else ch.gid,
+                   mode=mode, atime=a.atime if ch.atime is None else ch.atime,
+                   mtime=a.mtime if ch.mtime is None else ch.mtime)
+
+
 class Vfs:
     def __init__(self, remote: Remote, root: bytes, *, meta_ttl: float, readonly: bool = False) -> None:
         self.remote = remote
@@ -155,7 +164,12 @@ class Vfs:
         else:
             cached = self.meta.attrs(path)
             follow = not (cached is not None and cached.is_link)
-            a = await self.remote.setstat(self.rpath(path), changes, follow=follow)
+            if cached is not None and changes.size is None:
+                # We know exactly what SETSTAT changes: skip the LSTAT after it.
+                await self.remote.setstat(self.rpath(path), changes, follow=follow, stat=False)
+                a = _applied(cached, changes)
+            else:
+                a = await self.remote.setstat(self.rpath(path), changes, follow=follow)
         if file is None or file.path is not None:
             self.meta.put_attrs(path, a)
         return a
