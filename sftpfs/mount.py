@@ -13,6 +13,7 @@ import os
 import signal
 import stat
 from collections.abc import Callable
+from pathlib import Path
 
 import pyfuse3
 import trio
@@ -22,7 +23,7 @@ from .fs import Operations, Presentation
 from .options import MountConfig
 from .remote.client import Remote
 from .remote.sftp import SftpSession
-from .remote.ssh import SshError, connect
+from .remote.ssh import SshError, Target, connect
 from .vfs.vfs import Vfs
 
 log = logging.getLogger(__name__)
@@ -67,12 +68,14 @@ def check_fuse_device() -> None:
         raise MountError(f"cannot open {FUSE_DEVICE}: {e.strerror}") from None
 
 
-async def open_remote(cfg: MountConfig) -> tuple[Remote, bytes]:
+async def open_remote(cfg: MountConfig) -> tuple[Remote, bytes, Target]:
     """Connect and resolve the remote root; errors become MountError."""
     ssh_opts = cfg.ssh
+    targets: list[Target] = []
 
     async def new_session() -> SftpSession:
-        transport, _target = await trio.to_thread.run_sync(connect, ssh_opts)
+        transport, target = await trio.to_thread.run_sync(connect, ssh_opts)
+        targets.append(target)
         return await SftpSession.start(transport, request_timeout=cfg.timeout)
 
     try:
@@ -94,12 +97,22 @@ async def open_remote(cfg: MountConfig) -> tuple[Remote, bytes]:
         raise MountError(f"remote path '{want}' on {cfg.host}: {e.strerror}") from None
     if not a.is_dir:
         raise MountError(f"remote path '{want}' on {cfg.host} is not a directory")
-    return remote, root
+    return remote, root, targets[0]
+
+
+def cache_dir_for(cfg: MountConfig, target: Target, root: bytes) -> Path:
+    base = cfg.cache_dir or runtime.cache_home()
+    try:
+        return runtime.remote_cache_dir(runtime.private_dir(base), target.user,
+                                        target.hostname, target.port, root)
+    except OSError as e:
+        raise MountError(f"cache directory {base}: {e.strerror or e}") from None
 
 
 async def serve(cfg: MountConfig, ready: Callable[[], None]) -> None:
-    remote, root = await open_remote(cfg)
-    vfs = Vfs(remote, root, meta_ttl=cfg.cache_timeout, readonly=cfg.readonly)
+    remote, root, target = await open_remote(cfg)
+    cache_dir = cache_dir_for(cfg, target, root)
+    vfs = Vfs(remote, root, meta_ttl=cfg.cache_timeout, readonly=cfg.readonly, cache_dir=cache_dir)
     show = Presentation(attr_timeout=cfg.attr_timeout, entry_timeout=cfg.entry_timeout,
                         negative_timeout=cfg.negative_timeout, uid=cfg.uid, gid=cfg.gid,
                         umask=cfg.umask)

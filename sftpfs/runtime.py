@@ -52,6 +52,20 @@ def canonical(mountpoint: Path) -> bytes:
     return os.fsencode(os.path.join(os.path.realpath(os.path.dirname(mp)), os.path.basename(mp)))
 
 
+def remote_cache_dir(base: Path, user: str, host: str, port: int, root: bytes) -> Path:
+    """The private cache directory of one remote tree (user, host, port, root path).
+
+    Named by a hash, so a listing of the cache directory reveals no host or
+    path names; `remote.txt` inside says which remote it is.
+    """
+    ident = f"{user}@{host}:{port}:".encode() + root
+    d = private_dir(base / hashlib.sha256(ident).hexdigest()[:24])
+    label = d / "remote.txt"
+    if not label.exists():
+        label.write_bytes(f"{user}@{host}:{port}:".encode() + root + b"\n")
+    return d
+
+
 def pidfile(mountpoint: Path) -> Path:
     key = hashlib.sha256(canonical(mountpoint)).hexdigest()[:16]
     return runtime_home() / f"mount-{key}.pid"

@@ -11,6 +11,7 @@ import errno
 import logging
 import os
 import time
+from pathlib import Path
 
 import trio
 
@@ -39,9 +40,11 @@ def _applied(a: p.Attrs, ch: p.Attrs) -> p.Attrs:
 
 
 class Vfs:
-    def __init__(self, remote: Remote, root: bytes, *, meta_ttl: float, readonly: bool = False) -> None:
+    def __init__(self, remote: Remote, root: bytes, *, meta_ttl: float, readonly: bool = False,
+                 cache_dir: Path | None = None) -> None:
         self.remote = remote
         self.root = root.rstrip(b"/")
+        self.cache_dir = cache_dir  # private (0700) directory of this remote tree
         self.meta = MetaCache(meta_ttl)
         self.readonly = readonly
         self.open_files: set[OpenFile] = set()
