@@ -37,6 +37,9 @@ mount options (-o, comma-separated; as sshfs):
   password_stdin        read the password from standard input (for scripts)
   cache=yes|no          no: strict, sshfs-like; every lookup asks the server
   cache_timeout=S       how long cached attributes and listings count as fresh (20)
+  cache_max_stale=S     older listings (e.g. from the last mount) are served at once while
+                        they are checked again in the background, up to this age (86400)
+  prefetch=N            list up to N directories ahead of a tree walk (32; 0 = off)
   attr_timeout=S, entry_timeout=S, negative_timeout=S   kernel cache times (20)
   timeout=S             a request unanswered this long drops the connection (30)
   cache_dir=DIR         cache directory (default $XDG_CACHE_HOME/sftpfs)

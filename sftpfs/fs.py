@@ -65,6 +65,9 @@ class InodeTable:
     def ino_of(self, path: bytes) -> int:
         return self._ino.get(path, ROOT)
 
+    def find(self, path: bytes) -> int | None:
+        return self._ino.get(path)
+
     def last_attrs(self, ino: int) -> Attrs | None:
         return self._last.get(ino)
 
@@ -170,6 +173,26 @@ class Operations(pyfuse3.Operations):
         self._dirs: dict[int, list[tuple[bytes, Attrs]]] = {}
         self._dir_paths: dict[int, bytes] = {}
         self._next_fh = 1
+        vfs.lister.on_change = self._server_changed
+
+    def _server_changed(self, dir_path: bytes, names: list[bytes]) -> None:
+        """A relisting found changes made by someone else: drop the kernel's copies."""
+        parent = self.inodes.find(dir_path)
+        if parent is None:
+            return
+        for name in names:
+            self.vfs.nursery.start_soon(self._invalidate_entry, parent, name,
+                                        self.inodes.find(join(dir_path, name)))
+
+    async def _invalidate_entry(self, parent: int, name: bytes, ino: int | None) -> None:
+        # Off the request path, in a thread: the kernel takes the directory's
+        # lock, which a request being answered right now may hold.
+        try:
+            await trio.to_thread.run_sync(pyfuse3.invalidate_entry, parent, name)
+        except OSError:
+            pass  # not in the kernel's cache: nothing to drop
+        if ino is not None:
+            await self._invalidate_attrs(ino)
 
     # ---- helpers ----------------------------------------------------------------------
 

@@ -112,7 +112,8 @@ def cache_dir_for(cfg: MountConfig, target: Target, root: bytes) -> Path:
 async def serve(cfg: MountConfig, ready: Callable[[], None]) -> None:
     remote, root, target = await open_remote(cfg)
     cache_dir = cache_dir_for(cfg, target, root)
-    vfs = Vfs(remote, root, meta_ttl=cfg.cache_timeout, readonly=cfg.readonly, cache_dir=cache_dir)
+    vfs = Vfs(remote, root, meta_ttl=cfg.cache_timeout, readonly=cfg.readonly, cache_dir=cache_dir,
+              max_stale=cfg.cache_max_stale, prefetch=cfg.prefetch)
     show = Presentation(attr_timeout=cfg.attr_timeout, entry_timeout=cfg.entry_timeout,
                         negative_timeout=cfg.negative_timeout, uid=cfg.uid, gid=cfg.gid,
                         umask=cfg.umask)
@@ -134,6 +135,8 @@ async def serve(cfg: MountConfig, ready: Callable[[], None]) -> None:
             n.cancel_scope.cancel()
     finally:
         remote.close()
+        if vfs.lister.store is not None:
+            vfs.lister.store.close()
         pyfuse3.close(unmount=not unmounted)
         log.info("unmounted %s", cfg.mountpoint)
 

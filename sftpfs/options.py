@@ -57,6 +57,8 @@ class MountConfig:
     entry_timeout: float = 20.0
     negative_timeout: float = 20.0
     cache_timeout: float = 20.0
+    cache_max_stale: float = 86400.0
+    prefetch: int = 32
     timeout: float = 30.0
     cache_dir: Path | None = None
     log_file: Path | None = None
@@ -121,6 +123,8 @@ def build_config(source: str, mountpoint: str, *, port: int | None = None,
             _apply(cfg, opt)
     if not cfg.cache:
         cfg.attr_timeout = cfg.entry_timeout = cfg.negative_timeout = cfg.cache_timeout = 0.0
+        cfg.cache_max_stale = 0.0
+        cfg.prefetch = 0
     return cfg
 
 
@@ -147,8 +151,11 @@ def _apply(cfg: MountConfig, opt: str) -> None:
         setattr(cfg, key, _int(key, value))
     elif key == "umask":
         cfg.umask = _int(key, value, 8)
-    elif key in ("attr_timeout", "entry_timeout", "negative_timeout", "cache_timeout", "timeout"):
+    elif key in ("attr_timeout", "entry_timeout", "negative_timeout", "cache_timeout",
+                 "cache_max_stale", "timeout"):
         setattr(cfg, key, _seconds(key, value))
+    elif key == "prefetch":
+        cfg.prefetch = _int(key, value)
     elif key == "cache":
         if value not in ("yes", "no"):
             raise OptionError("option cache takes yes or no")

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 WINDOW_SIZE = 64 * 2**20  # bytes the server may send before we ack: covers many reads in flight
 MAX_PACKET = 2**18
 DEFAULT_IO_SIZE = 32768  # what every SFTP server accepts; raised by limits@openssh.com
-READDIR_AHEAD = 4  # READDIRs in flight per listing (OpenSSH answers them in order)
+READDIR_AHEAD = 8  # most READDIRs in flight per listing (OpenSSH answers them in order)
 
 
 class _Waiter:
@@ -90,7 +90,7 @@ class SftpSession:
 
     @classmethod
     async def start(cls, transport: paramiko.Transport, *, request_timeout: float = 30.0,
-                    max_inflight: int = 64) -> SftpSession:
+                    max_inflight: int = 256) -> SftpSession:
         chan, version, exts = await trio.to_thread.run_sync(_open_channel, transport, request_timeout)
         self = cls(chan, version, exts, request_timeout=request_timeout, max_inflight=max_inflight)
         self._writer.start()
@@ -370,29 +370,39 @@ class SftpSession:
     async def listdir(self, path: bytes) -> list[tuple[bytes, bytes | None, p.Attrs]]:
         """All entries of a directory: (name, longname, attrs), '.' and '..' included.
 
-        READDIRs go out several at a time on the one handle; OpenSSH answers
-        them in order, so a large listing streams instead of costing a round
-        trip per batch of ~100 names.
+        READDIRs go out several at a time on the one handle (OpenSSH answers
+        them in order): two at first, since most directories fit in one
+        batch of ~100 names, then more while the directory keeps going. The
+        handle is closed without waiting for the answer.
         """
         handle = await self.opendir(path)
         out: list[tuple[bytes, bytes | None, p.Attrs]] = []
         try:
+            ahead = 2
             done = False
             while not done:
-                replies = await self.pipeline(*[(p.FXP_READDIR, p.string(handle))] * READDIR_AHEAD)
+                replies = await self.pipeline(*[(p.FXP_READDIR, p.string(handle))] * ahead)
                 for rtype, r in replies:
                     batch = _names(rtype, r, path)
                     if batch is None:
                         done = True
                         break
                     out.extend(batch)
+                ahead = min(ahead * 2, READDIR_AHEAD)
         finally:
-            if not self.closed:
-                try:
-                    await self.close_handle(handle)
-                except OSError:
-                    pass
+            self.close_nowait(handle)
         return out
+
+    def close_nowait(self, handle: bytes) -> None:
+        """Close a handle in the background: nobody needs to wait for it."""
+        if not self.closed:
+            trio.lowlevel.spawn_system_task(self._close_quietly, handle, name="sftp-close")
+
+    async def _close_quietly(self, handle: bytes) -> None:
+        try:
+            await self.close_handle(handle)
+        except OSError:
+            pass
 
     async def open_and_lstat(self, path: bytes, pflags: int, attrs: p.Attrs) -> tuple[bytes, p.Attrs]:
         """Open (create) a file and stat it in one round trip."""

@@ -2,12 +2,15 @@
 
 An SFTP listing carries every entry's attributes, so one READDIR answers
 the lstat of every name in the directory, and also the lookup of every name
-that is *not* there: while a directory's listing is fresh, a missing name is
+that is *not* there: while a directory's listing is known, a missing name is
 known to be missing without asking the server (rsync's lstat of files it is
 about to create, a file manager's probes for .hidden).
 
-Paths are bytes relative to the mount root (b"" is the root). Timestamps come
-from the injected clock so tests can move time.
+Every entry has an age (wall clock, since listings outlive the process in
+metastore). Callers choose how old an answer may be: `ttl` for a fresh one,
+longer for a stale one served while a revalidation runs.
+
+Paths are bytes relative to the mount root (b"" is the root).
 """
 
 from __future__ import annotations
@@ -36,21 +39,30 @@ def is_below(path: bytes, top: bytes) -> bool:
     return not top or path == top or path.startswith(top + b"/")
 
 
-class MetaCache:
-    """Fresh-for-`ttl` attributes and complete directory listings."""
+def same_version(a: Attrs, b: Attrs) -> bool:
+    """What a user would notice changing: type, permissions, size, mtime, owner."""
+    return (a.mode, a.size, a.mtime, a.uid, a.gid) == (b.mode, b.size, b.mtime, b.uid, b.gid)
 
-    def __init__(self, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
+
+class MetaCache:
+    """Attributes and complete directory listings, each with its age."""
+
+    def __init__(self, ttl: float, clock: Callable[[], float] = time.time) -> None:
         self.ttl = ttl
         self.clock = clock
         self._attrs: dict[bytes, tuple[Attrs, float]] = {}
         self._dirs: dict[bytes, tuple[set[bytes], float]] = {}
+        # Directories whose listing changed since metastore last saved them.
+        self.dirty: set[bytes] = set()
         # Bumped by every change of a path's attributes, so an answer that was
         # requested before a change can be told apart and dropped.
         self._changed: dict[bytes, int] = {}
         self._tick = 0
 
+    # ---- change counter ----------------------------------------------------------
+
     def mark(self) -> int:
-        """A point in time for `put_attrs_if_unchanged`."""
+        """A point in time for `put_attrs_if_unchanged` and `put_listing(since=)`."""
         return self._tick
 
     def _bump(self, path: bytes) -> None:
@@ -58,6 +70,8 @@ class MetaCache:
         self._changed[path] = self._tick
         parent = parent_of(path)
         self._changed[b"\0entries\0" + parent] = self._tick  # its listing changed too
+        if parent in self._dirs:
+            self.dirty.add(parent)
         if len(self._changed) > 200_000:
             # Requests in flight span a few thousand changes at most.
             horizon = self._tick - 100_000
@@ -69,38 +83,47 @@ class MetaCache:
     def _entries_changed_since(self, path: bytes, since: int) -> bool:
         return self._changed.get(b"\0entries\0" + path, 0) > since
 
-    def _fresh(self, t: float) -> bool:
-        return self.clock() - t < self.ttl
+    def _young(self, t: float, max_age: float | None) -> bool:
+        return self.clock() - t < (self.ttl if max_age is None else max_age)
 
-    # ---- queries ---------------------------------------------------------------
+    # ---- queries -------------------------------------------------------------------
 
-    def attrs(self, path: bytes) -> Attrs | None:
+    def attrs(self, path: bytes, max_age: float | None = None) -> Attrs | None:
+        """Attributes no older than `max_age` (default: the TTL)."""
         hit = self._attrs.get(path)
-        if hit is not None and self._fresh(hit[1]):
+        if hit is not None and self._young(hit[1], max_age):
             return hit[0]
         return None
 
-    def absent(self, path: bytes) -> bool:
-        """The parent's fresh listing proves that `path` does not exist."""
+    def absent(self, path: bytes, max_age: float | None = None) -> bool:
+        """The parent's listing, no older than `max_age`, proves `path` does not exist."""
         if not path:
             return False
         hit = self._dirs.get(parent_of(path))
-        return hit is not None and self._fresh(hit[1]) and name_of(path) not in hit[0]
+        return hit is not None and self._young(hit[1], max_age) and name_of(path) not in hit[0]
 
-    def listing(self, path: bytes) -> list[tuple[bytes, Attrs]] | None:
-        """A fresh listing with fresh attributes for every entry, else None."""
+    def listed(self, path: bytes, max_age: float | None = None) -> bool:
         hit = self._dirs.get(path)
-        if hit is None or not self._fresh(hit[1]):
+        return hit is not None and self._young(hit[1], max_age)
+
+    def listing(self, path: bytes, max_age: float | None = None) -> list[tuple[bytes, Attrs]] | None:
+        """A listing no older than `max_age`, with attributes for every entry, else None."""
+        hit = self._dirs.get(path)
+        if hit is None or not self._young(hit[1], max_age):
             return None
         out = []
         for name in sorted(hit[0]):
-            a = self.attrs(join(path, name))
+            a = self._attrs.get(join(path, name))
             if a is None:
                 return None
-            out.append((name, a))
+            out.append((name, a[0]))
         return out
 
-    # ---- what the server told us -------------------------------------------------
+    def listing_time(self, path: bytes) -> float | None:
+        hit = self._dirs.get(path)
+        return hit[1] if hit is not None else None
+
+    # ---- what the server told us -----------------------------------------------------
 
     def put_attrs(self, path: bytes, attrs: Attrs) -> None:
         self._attrs[path] = (attrs, self.clock())
@@ -112,27 +135,39 @@ class MetaCache:
             self.put_attrs(path, attrs)
 
     def put_listing(self, path: bytes, entries: Iterable[tuple[bytes, Attrs]],
-                    since: int | None = None) -> None:
-        """Store a listing requested at `since` (None: just now).
+                    since: int | None = None, fetched: float | None = None) -> list[bytes]:
+        """Store a listing requested at `since` (None: just now); returns changed names.
 
-        If entries changed locally while it was in flight, it is no longer
-        complete: keep the attributes of untouched names, not the listing.
+        The names returned are those added, removed or changed (see
+        `same_version`) compared with the listing held before, so the kernel's
+        view of them can be invalidated. If entries changed locally while the
+        listing was in flight, it is no longer complete: the attributes of
+        untouched names are kept, the listing is not. `fetched` backdates an
+        old listing (loaded from disk).
         """
-        now = self.clock()
+        at = self.clock() if fetched is None else fetched
+        old = self._dirs.get(path)
         names = set()
+        changed = []
         for name, a in entries:
             names.add(name)
             p = join(path, name)
-            if since is None or not self.changed_since(p, since):
-                self._attrs[p] = (a, now)
+            if since is not None and self.changed_since(p, since):
+                continue
+            prev = self._attrs.get(p)
+            if old is not None and (prev is None or not same_version(prev[0], a)):
+                changed.append(name)
+            self._attrs[p] = (a, at)
         if since is not None and self._entries_changed_since(path, since):
-            return
-        # Entries that vanished take their cached subtree with them.
-        old = self._dirs.get(path)
+            return changed
         if old is not None:
             for gone in old[0] - names:
+                changed.append(gone)
                 self._drop_tree(join(path, gone))
-        self._dirs[path] = (names, now)
+        self._dirs[path] = (names, at)
+        if fetched is None:
+            self.dirty.add(path)
+        return changed
 
     def put_absent(self, path: bytes) -> None:
         """The server said ENOENT: forget what we had, and note it in the parent."""
@@ -141,16 +176,17 @@ class MetaCache:
         if hit is not None:
             hit[0].discard(name_of(path))
 
-    # ---- our own changes -------------------------------------------------------------
+    # ---- our own changes ---------------------------------------------------------------
 
     def added(self, path: bytes, attrs: Attrs) -> None:
         self._attrs[path] = (attrs, self.clock())
-        self._bump(path)
         hit = self._dirs.get(parent_of(path))
         if hit is not None:
             hit[0].add(name_of(path))
+        self._bump(path)
         if attrs.is_dir:
             self._dirs[path] = (set(), self.clock())
+            self.dirty.add(path)
 
     def removed(self, path: bytes) -> None:
         self.put_absent(path)
@@ -169,6 +205,7 @@ class MetaCache:
             self._bump(new + p[len(old):])
         for p, v in moved_dirs.items():
             self._dirs[new + p[len(old):]] = v
+            self.dirty.add(new + p[len(old):])
         src_dir = self._dirs.get(parent_of(old))
         if src_dir is not None:
             src_dir[0].discard(name_of(old))
@@ -191,8 +228,11 @@ class MetaCache:
         self._attrs.pop(path, None)
         self._bump(path)
 
-    def invalidate_dir(self, path: bytes) -> None:
-        self._dirs.pop(path, None)
+    def forget_all(self) -> None:
+        """Drop everything (cache=no remounts, tests)."""
+        self._attrs.clear()
+        self._dirs.clear()
+        self.dirty.clear()
 
     def _has_subtree(self, top: bytes) -> bool:
         """Only a known directory has cached descendants: files need no scan.
@@ -214,3 +254,4 @@ class MetaCache:
             del self._attrs[p]
         for p in [p for p in self._dirs if is_below(p, top)]:
             del self._dirs[p]
+            self.dirty.add(p)  # metastore must forget it too

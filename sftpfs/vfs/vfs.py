@@ -19,7 +19,9 @@ from ..remote import protocol as p
 from ..remote.client import Remote
 from ..remote.errors import SftpError
 from .files import OpenFile, open_flags_to_pflags
+from .lister import Lister
 from .meta import MetaCache, is_below, join, parent_of
+from .metastore import MetaStore
 
 log = logging.getLogger(__name__)
 
@@ -41,21 +43,29 @@ def _applied(a: p.Attrs, ch: p.Attrs) -> p.Attrs:
 
 class Vfs:
     def __init__(self, remote: Remote, root: bytes, *, meta_ttl: float, readonly: bool = False,
-                 cache_dir: Path | None = None) -> None:
+                 cache_dir: Path | None = None, max_stale: float = 0.0,
+                 prefetch: int = 32) -> None:
         self.remote = remote
         self.root = root.rstrip(b"/")
         self.cache_dir = cache_dir  # private (0700) directory of this remote tree
         self.meta = MetaCache(meta_ttl)
+        store = MetaStore(cache_dir) if cache_dir is not None and max_stale > meta_ttl else None
+        self.lister = Lister(self._list_remote, self.meta, store, max_stale=max_stale,
+                             prefetch=prefetch)
         self.readonly = readonly
         self.open_files: set[OpenFile] = set()
         self.nursery: trio.Nursery  # set by run()
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Own the background tasks (write completions) until cancelled."""
+        """Own the background tasks (write completions, listings) until cancelled."""
         async with trio.open_nursery() as n:
             self.nursery = n
+            await n.start(self.lister.run)
             task_status.started()
             await trio.sleep_forever()
+
+    async def _list_remote(self, path: bytes) -> list[tuple[bytes, p.Attrs]]:
+        return await self.remote.listdir(self.rpath(path))
 
     def rpath(self, path: bytes) -> bytes:
         return self.root + b"/" + path if path else (self.root or b"/")
@@ -76,6 +86,13 @@ class Vfs:
             raise _err(errno.ENOENT)
         if len(path.rpartition(b"/")[2]) > NAME_MAX:
             raise _err(errno.ENAMETOOLONG)
+        if path and await self.lister.usable(parent_of(path)):
+            # The parent's listing answers, stale or not (then it is being revalidated).
+            a = self.meta.attrs(path, max_age=self.lister.max_stale)
+            if a is not None:
+                return a
+            if self.meta.absent(path, max_age=self.lister.max_stale):
+                raise _err(errno.ENOENT)
         since = self.meta.mark()
         try:
             a = await self.remote.lstat(self.rpath(path))
@@ -87,13 +104,7 @@ class Vfs:
         return a
 
     async def listdir(self, path: bytes) -> list[tuple[bytes, p.Attrs]]:
-        cached = self.meta.listing(path)
-        if cached is not None:
-            return cached
-        since = self.meta.mark()
-        entries = await self.remote.listdir(self.rpath(path))
-        self.meta.put_listing(path, entries, since)
-        return self.meta.listing(path) or sorted(entries)
+        return await self.lister.listdir(path)
 
     async def readlink(self, path: bytes) -> bytes:
         return await self.remote.readlink(self.rpath(path))
@@ -196,7 +207,8 @@ class Vfs:
         if writable:
             self._check_write()
         rf = self.remote.open(self.rpath(path), open_flags_to_pflags(flags))
-        cached = self.meta.attrs(path)
+        # Compare with what the kernel may hold: our last answer, however old.
+        cached = self.meta.attrs(path, max_age=float("inf"))
         a = await rf.open()
         changed = cached is not None and (cached.size, cached.mtime) != (a.size, a.mtime)
         self.meta.put_attrs(path, a)

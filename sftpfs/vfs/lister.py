@@ -1,0 +1,222 @@
+"""Directory listings: when to ask the server, and what to ask ahead of time.
+
+* Coalescing: one READDIR run per directory at a time; others wait for it.
+* Stale-while-revalidate, at a remount: a listing loaded from disk (no older
+  than `max_stale`) is served at once while a background relisting checks
+  it; changes found are reported through `on_change` (the fs layer
+  invalidates the kernel's entries). Once a directory has been listed in
+  this mount, its TTL is a strict bound: an expired listing is fetched again
+  before it answers.
+* Walk prefetch: a listing queues its subdirectories for background listing,
+  a few at a time, while a walker (find, rsync, a file manager) keeps asking
+  for directories in the foreground. A tree walk then costs about depth ×
+  round trip, not directories × round trip. Prefetch never takes a request
+  slot a foreground listing is waiting for: it has its own small limit.
+* Persistence: changed listings are written to the metastore every few
+  seconds and at unmount.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from ..remote import protocol as p
+from .meta import MetaCache, join
+from .metastore import MetaStore, encode_entries
+
+log = logging.getLogger(__name__)
+
+FLUSH_INTERVAL = 2.0
+WALKER_IDLE = 5.0  # seconds without foreground listings after which prefetch pauses
+
+ListFn = Callable[[bytes], Awaitable[list[tuple[bytes, p.Attrs]]]]
+ChangeFn = Callable[[bytes, list[bytes]], None]
+
+
+class Lister:
+    def __init__(self, list_remote: ListFn, meta: MetaCache, store: MetaStore | None, *,
+                 max_stale: float, prefetch: int = 32, prefetch_queue: int = 2000,
+                 revalidate: int = 8) -> None:
+        self._list_remote = list_remote
+        self.meta = meta
+        self.store = store
+        self.max_stale = max_stale
+        self.on_change: ChangeFn = lambda path, names: None
+        self._inflight: dict[bytes, trio.Event] = {}
+        self._loaded: set[bytes] = set()
+        self._unchecked: set[bytes] = set()  # loaded from disk, not yet relisted
+        self._prefetch_workers = prefetch
+        self._queue: deque[bytes] = deque()
+        self._queued: set[bytes] = set()
+        self._queue_max = prefetch_queue
+        self._wake = trio.Event()
+        self._revalidating: set[bytes] = set()
+        self._revalidate_limit = trio.Semaphore(revalidate)
+        self._last_foreground = -1e9
+        self._nursery: trio.Nursery | None = None
+        self.stats = {"listed": 0, "prefetched": 0, "revalidated": 0, "served_stale": 0}
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as n:
+                self._nursery = n
+                for _ in range(self._prefetch_workers):
+                    n.start_soon(self._prefetch_worker)
+                if self.store is not None:
+                    n.start_soon(self._flusher)
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.flush()
+
+    # ---- foreground ---------------------------------------------------------------
+
+    async def listdir(self, path: bytes) -> list[tuple[bytes, p.Attrs]]:
+        """Entries of a directory: fresh, or stale-but-bounded while revalidated."""
+        self._last_foreground = trio.current_time()
+        fresh = self.meta.listing(path)
+        if fresh is not None:
+            return fresh
+        stale = await self.stale_listing(path)
+        if stale is not None:
+            return stale
+        return await self.fetch(path)
+
+    async def stale_listing(self, path: bytes) -> list[tuple[bytes, p.Attrs]] | None:
+        """A listing from disk within `max_stale`, with its revalidation started."""
+        if self.max_stale <= self.meta.ttl:
+            return None
+        await self.load_stored(path)
+        if path not in self._unchecked:
+            return None
+        stale = self.meta.listing(path, max_age=self.max_stale)
+        if stale is not None:
+            self.stats["served_stale"] += 1
+            self.revalidate_soon(path)
+        return stale
+
+    async def usable(self, parent: bytes) -> bool:
+        """Whether `parent`'s listing may answer lookups (fresh, or stale and revalidating)."""
+        if self.meta.listed(parent):
+            return True
+        return await self.stale_listing(parent) is not None
+
+    async def fetch(self, path: bytes) -> list[tuple[bytes, p.Attrs]]:
+        """List `path` on the server now (or join a listing already running)."""
+        ev = self._inflight.get(path)
+        if ev is not None:
+            await ev.wait()
+            got = self.meta.listing(path, max_age=float("inf"))
+            if got is not None:
+                return got
+        ev = self._inflight[path] = trio.Event()
+        try:
+            since = self.meta.mark()
+            entries = await self._list_remote(path)
+            self.stats["listed"] += 1
+            changed = self.meta.put_listing(path, entries, since)
+            self._unchecked.discard(path)
+            if changed:
+                self.on_change(path, changed)
+            self._queue_subdirs(path, entries)
+            return self.meta.listing(path) or sorted(entries)
+        finally:
+            del self._inflight[path]
+            ev.set()
+
+    async def load_stored(self, path: bytes) -> None:
+        """Bring `path`'s listing from disk into memory, once, as a stale one."""
+        if self.store is None or path in self._loaded or self.meta.listing_time(path) is not None:
+            return
+        self._loaded.add(path)
+        got = await trio.to_thread.run_sync(self.store.load, path)
+        if got is None or self.meta.listing_time(path) is not None:
+            return
+        entries, listed = got
+        # Never fresh: it may be from before a crash, or older than it says.
+        stale_at = min(listed, self.meta.clock() - self.meta.ttl - 1)
+        self.meta.put_listing(path, entries, fetched=stale_at)
+        self._unchecked.add(path)
+
+    # ---- background ---------------------------------------------------------------
+
+    def revalidate_soon(self, path: bytes) -> None:
+        if path in self._revalidating or path in self._inflight or self._nursery is None:
+            return
+        self._revalidating.add(path)
+        self._nursery.start_soon(self._revalidate, path)
+
+    async def _revalidate(self, path: bytes) -> None:
+        try:
+            async with self._revalidate_limit:
+                await self.fetch(path)
+                self.stats["revalidated"] += 1
+        except OSError as e:
+            log.info("revalidating %r failed: %s", path, e)
+        finally:
+            self._revalidating.discard(path)
+
+    def _queue_subdirs(self, path: bytes, entries: list[tuple[bytes, p.Attrs]]) -> None:
+        if not self._prefetch_workers or not self._walker_active():
+            return
+        added = False
+        for name, a in entries:
+            sub = join(path, name)
+            if (a.is_dir and sub not in self._queued and len(self._queue) < self._queue_max
+                    and not self.meta.listed(sub)):
+                self._queue.append(sub)
+                self._queued.add(sub)
+                added = True
+        if added:
+            self._wake.set()
+
+    def _walker_active(self) -> bool:
+        return trio.current_time() - self._last_foreground < WALKER_IDLE
+
+    async def _prefetch_worker(self) -> None:
+        while True:
+            while not self._queue:
+                self._wake = trio.Event() if self._wake.is_set() else self._wake
+                await self._wake.wait()
+            path = self._queue.popleft()
+            self._queued.discard(path)
+            if not self._walker_active():
+                self._queue.clear()
+                self._queued.clear()
+                continue
+            if self.meta.listed(path) or path in self._inflight:
+                continue
+            try:
+                await self.load_stored(path)
+                if self.meta.listed(path, max_age=self.max_stale):
+                    # Known from disk: revalidate, and walk on from what we know.
+                    listing = self.meta.listing(path, max_age=self.max_stale) or []
+                    self._queue_subdirs(path, listing)
+                await self.fetch(path)
+                self.stats["prefetched"] += 1
+            except OSError as e:
+                log.debug("prefetch of %r failed: %s", path, e)
+
+    # ---- persistence ---------------------------------------------------------------
+
+    async def _flusher(self) -> None:
+        while True:
+            await trio.sleep(FLUSH_INTERVAL)
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Write listings changed since the last flush to the metastore."""
+        if self.store is None or not self.meta.dirty:
+            return
+        rows: list[tuple[bytes, float, bytes | None]] = []
+        for path in self.meta.dirty:
+            listing = self.meta.listing(path, max_age=float("inf"))
+            listed = self.meta.listing_time(path)
+            rows.append((path, listed or 0.0, None if listing is None else encode_entries(listing)))
+        self.meta.dirty.clear()
+        await trio.to_thread.run_sync(self.store.save, rows)
