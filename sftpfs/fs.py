@@ -194,6 +194,11 @@ class Operations(pyfuse3.Operations):
         if ino is not None:
             await self._invalidate_attrs(ino)
 
+    def stats(self) -> dict[str, int]:
+        return {"inodes": len(self.inodes), "open_files": len(self._files),
+                "open_dirs": len(self._dirs), "requests": self.vfs.remote.requests,
+                **self.vfs.lister.stats}
+
     # ---- helpers ----------------------------------------------------------------------
 
     def entry(self, ino: int, a: Attrs) -> pyfuse3.EntryAttributes:

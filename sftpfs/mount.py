@@ -129,6 +129,7 @@ async def serve(cfg: MountConfig, ready: Callable[[], None]) -> None:
         async with trio.open_nursery() as n:
             await n.start(vfs.run)
             n.start_soon(_stop_on_signal)
+            n.start_soon(_stats_on_signal, ops)
             ready()
             await pyfuse3.main(min_tasks=8, max_tasks=64)
             unmounted = True
@@ -139,6 +140,13 @@ async def serve(cfg: MountConfig, ready: Callable[[], None]) -> None:
             vfs.lister.store.close()
         pyfuse3.close(unmount=not unmounted)
         log.info("unmounted %s", cfg.mountpoint)
+
+
+async def _stats_on_signal(ops: Operations) -> None:
+    """SIGUSR1 logs one line of counters: what the daemon holds and has done."""
+    with trio.open_signal_receiver(signal.SIGUSR1) as signals:
+        async for _ in signals:
+            log.warning("stats: %s", " ".join(f"{k}={v}" for k, v in ops.stats().items()))
 
 
 async def _stop_on_signal() -> None:

@@ -76,3 +76,11 @@ def test_update_keeps_age():
     assert m.update(b"a", size=9).size == 9
     clock.t = 6
     assert m.attrs(b"a") is None
+
+
+def test_a_name_found_later_joins_the_listing():
+    m, clock = cache(ttl=5)
+    m.put_listing(b"", [(b"a", F)])
+    clock.t = 10  # listing expired; a lookup finds a new name
+    m.put_attrs(b"new", F)
+    assert [n for n, _ in m.listing(b"", max_age=100)] == [b"a", b"new"]

@@ -80,6 +80,11 @@ class Remote:
             self._session.close("unmounting")
 
     @property
+    def requests(self) -> int:
+        """Requests sent on the current connection (stats)."""
+        return self._session.sent if self._session is not None else 0
+
+    @property
     def io_sizes(self) -> tuple[int, int]:
         s = self._session
         return (s.max_read, s.max_write) if s else (32768, 32768)

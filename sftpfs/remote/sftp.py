@@ -77,6 +77,7 @@ class SftpSession:
         self.closed = False
         self.close_reason = ""
         self._ids = itertools.count(1)
+        self.sent = 0  # requests sent, for stats
         self._pending: dict[int, _Waiter] = {}
         self._slots = trio.Semaphore(max_inflight)
         self._sendq: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
@@ -225,6 +226,7 @@ class SftpSession:
                 rid = next(self._ids) & 0xFFFFFFFF
                 w = _Waiter()
                 self._pending[rid] = w
+                self.sent += 1
                 waiters.append((rid, w))
                 self._send(p.packet(ptype, rid, *fields))
             try:
@@ -254,6 +256,7 @@ class SftpSession:
         rid = next(self._ids) & 0xFFFFFFFF
         w = _Waiter()
         self._pending[rid] = w
+        self.sent += 1
         self._send(p.packet(ptype, rid, *fields))
 
         async def reply() -> tuple[int, p.Reader]:

@@ -126,7 +126,11 @@ class MetaCache:
     # ---- what the server told us -----------------------------------------------------
 
     def put_attrs(self, path: bytes, attrs: Attrs) -> None:
+        """The server says `path` exists with these attributes."""
         self._attrs[path] = (attrs, self.clock())
+        hit = self._dirs.get(parent_of(path))
+        if hit is not None:
+            hit[0].add(name_of(path))  # found after the listing was made
         self._bump(path)
 
     def put_attrs_if_unchanged(self, path: bytes, attrs: Attrs, since: int) -> None:
