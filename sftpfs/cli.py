@@ -25,6 +25,9 @@ log = logging.getLogger("sftpfs")
 USAGE = """\
 sftpfs mount [user@]host:[path] MOUNTPOINT [-p PORT] [-i IDENTITY] [-F SSH_CONFIG] [-o OPT,...] [-f] [-d]
        sftpfs unmount MOUNTPOINT
+       sftpfs sync MOUNTPOINT
+       sftpfs status MOUNTPOINT [--json]
+       sftpfs cache info|clear [REMOTE] [-o cache_dir=DIR]
        sftpfs [user@]host:[path] MOUNTPOINT [-o OPT,...]    (as mount.fuse3 and fstab call it)"""
 
 OPTIONS_HELP = """\
@@ -43,13 +46,24 @@ mount options (-o, comma-separated; as sshfs):
   attr_timeout=S, entry_timeout=S, negative_timeout=S   kernel cache times (20)
   timeout=S             a request unanswered this long drops the connection (30)
   cache_dir=DIR         cache directory (default $XDG_CACHE_HOME/sftpfs)
+  cache_size=SIZE       disk space for cached file contents, e.g. 500M, 2G
+                        (default: 10% of the free space there, at most 10G; 0 = none)
+  readahead_max=SIZE    how far to read ahead of a sequential reader (16M: ~bandwidth x RTT)
+  small_file=SIZE       files up to this size are fetched whole on first read (256K)
   log=FILE              log file when detached (default $XDG_STATE_HOME/sftpfs/sftpfs.log)
   debug                 stay in the foreground and log every request (as -d)
   ssh_config=FILE       use this ssh config file instead of ~/.ssh/config (as -F)
   SshOption=VALUE       any ssh option: Port, IdentityFile, UserKnownHostsFile,
                         StrictHostKeyChecking=yes|accept-new|no, ConnectTimeout,
                         ProxyJump, ProxyCommand, HostKeyAlias, BatchMode, ...
-Generic mount(8) options (rw, noauto, _netdev, nofail, x-*, ...) are accepted and ignored."""
+Generic mount(8) options (rw, noauto, _netdev, nofail, x-*, ...) are accepted and ignored.
+
+other commands (each has --help):
+  sftpfs sync MOUNTPOINT      wait until every change is on the server, with progress
+  sftpfs status MOUNTPOINT    connection, pending uploads, failures, recovery area (--json)
+  sftpfs unmount MOUNTPOINT   sync, then unmount and wait for the daemon to exit
+  sftpfs cache info           cached file contents per remote: size, entries, hit rate
+  sftpfs cache clear [REMOTE] drop cached file contents (of one remote: user@host:path or its id)"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,6 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] in ("unmount", "umount"):
             return cmd_unmount(argv[1:])
+        if argv and argv[0] in ("sync", "status"):
+            from . import controlcmd
+            return (controlcmd.cmd_sync if argv[0] == "sync" else controlcmd.cmd_status)(argv[1:])
+        if argv and argv[0] == "cache":
+            from . import cachecmd
+            return cachecmd.main(argv[1:])
         if argv and argv[0] == "mount":
             argv = argv[1:]
         return cmd_mount(argv)
@@ -234,11 +254,19 @@ def _log_to_file(cfg: MountConfig) -> None:
 
 
 def cmd_unmount(argv: list[str]) -> int:
+    from . import controlcmd
+
+    if argv and argv[0] in ("-h", "--help"):
+        return controlcmd.print_unmount_help()
     if len(argv) != 1 or argv[0].startswith("-"):
         return _fail("usage: sftpfs unmount MOUNTPOINT", 2)
     mp = Path(os.path.abspath(argv[0]))
     if not runtime.is_mounted(mp, b"fuse"):
         return _fail(f"{mp} is not mounted")
+    # upload what is pending first, with progress (skipped if no daemon answers)
+    code = controlcmd.sync_before_unmount(mp)
+    if code:
+        return code
     pidfile = runtime.pidfile(mp)
     try:
         pid = int(pidfile.read_text())

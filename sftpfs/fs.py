@@ -267,7 +267,11 @@ class Operations(pyfuse3.Operations):
         try:
             path = self.inodes.path(inode)
         except pyfuse3.FUSEError:
-            last = self.inodes.last_attrs(inode)  # unlinked but still open
+            # Unlinked but maybe still open: the handle knows the file.
+            for f in self._files.values():
+                if getattr(f, "ino", None) == inode:
+                    return self.entry(inode, await f.fstat())
+            last = self.inodes.last_attrs(inode)
             if last is None:
                 raise
             return self.entry(inode, last)
@@ -338,7 +342,9 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def fsyncdir(self, fh, datasync):
-        return  # changes are on the server before their syscall returns
+        """`sync DIR`: everything pending below the directory reaches the server."""
+        if self.vfs.deferred is not None:
+            await self.vfs.deferred.wb.settle(self._dir_paths[fh], below=True)
 
     @_errors
     async def statfs(self, ctx):
@@ -435,7 +441,9 @@ class Operations(pyfuse3.Operations):
         f, a = await self.vfs.create(path, mode, flags)
         fh = self._new_fh()
         self._files[fh] = f
-        return pyfuse3.FileInfo(fh=fh, keep_cache=False), self._remember(path, a)
+        entry = self._remember(path, a)
+        f.ino = entry.st_ino
+        return pyfuse3.FileInfo(fh=fh, keep_cache=False), entry
 
     @_errors
     async def open(self, inode, flags, ctx):
@@ -448,7 +456,9 @@ class Operations(pyfuse3.Operations):
                 await self._invalidate_attrs(inode)
         fh = self._new_fh()
         self._files[fh] = f
-        return pyfuse3.FileInfo(fh=fh, keep_cache=False)
+        f.ino = inode
+        # Same version as at the last open: the kernel's page cache is still right.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=f.keep_cache)
 
     async def _invalidate_attrs(self, inode: int) -> None:
         try:

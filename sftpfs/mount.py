@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shutil
 import signal
 import stat
 from collections.abc import Callable
@@ -19,11 +20,13 @@ import pyfuse3
 import trio
 
 from . import runtime
+from .control import ControlHandler, LabelledHandler, ReadOnlyHandler, control_path, serve_control
 from .fs import Operations, Presentation
 from .options import MountConfig
 from .remote.client import Remote
 from .remote.sftp import SftpSession
 from .remote.ssh import SshError, Target, connect
+from .vfs.readahead import ReadOptions
 from .vfs.vfs import Vfs
 
 log = logging.getLogger(__name__)
@@ -113,7 +116,11 @@ async def serve(cfg: MountConfig, ready: Callable[[], None]) -> None:
     remote, root, target = await open_remote(cfg)
     cache_dir = cache_dir_for(cfg, target, root)
     vfs = Vfs(remote, root, meta_ttl=cfg.cache_timeout, readonly=cfg.readonly, cache_dir=cache_dir,
-              max_stale=cfg.cache_max_stale, prefetch=cfg.prefetch)
+              max_stale=cfg.cache_max_stale, prefetch=cfg.prefetch,
+              reads=ReadOptions(cache_size=cfg.cache_size, readahead_max=cfg.readahead_max,
+                                small_file=cfg.small_file))
+    if cfg.writeback and not cfg.readonly:
+        await _enable_writeback(cfg, vfs, cache_dir)
     show = Presentation(attr_timeout=cfg.attr_timeout, entry_timeout=cfg.entry_timeout,
                         negative_timeout=cfg.negative_timeout, uid=cfg.uid, gid=cfg.gid,
                         umask=cfg.umask)
@@ -130,16 +137,66 @@ async def serve(cfg: MountConfig, ready: Callable[[], None]) -> None:
             await n.start(vfs.run)
             n.start_soon(_stop_on_signal)
             n.start_soon(_stats_on_signal, ops)
+            await _start_control(n, cfg, control_handler(cfg, vfs, ops))
             ready()
             await pyfuse3.main(min_tasks=8, max_tasks=64)
             unmounted = True
+            await _flush_at_exit(cfg, vfs)
             n.cancel_scope.cancel()
     finally:
         remote.close()
         if vfs.lister.store is not None:
             vfs.lister.store.close()
+        if vfs.deferred is not None:
+            vfs.deferred.wb.close()
         pyfuse3.close(unmount=not unmounted)
         log.info("unmounted %s", cfg.mountpoint)
+
+
+async def _enable_writeback(cfg: MountConfig, vfs: Vfs, cache_dir: Path) -> None:
+    limit = cfg.dirty_limit
+    if limit is None:
+        free = shutil.disk_usage(cache_dir).free
+        limit = max(64 << 20, min(4 << 30, free // 4))
+    try:
+        vfs.enable_writeback(delay=cfg.writeback_delay, dirty_limit=limit)
+    except OSError as e:
+        raise MountError(f"write-back journal in {cache_dir}: {e.strerror or e}") from None
+
+
+async def _flush_at_exit(cfg: MountConfig, vfs: Vfs) -> None:
+    """After the kernel unmount: upload what is still pending, for a while."""
+    if vfs.deferred is None:
+        return
+    wb = vfs.deferred.wb
+    if not wb.status()["pending_ops"]:
+        return
+    log.warning("unmounted with %d changes pending: uploading them", wb.status()["pending_ops"])
+    with trio.move_on_after(cfg.flush_timeout) as scope:
+        await wb.sync_all()
+    if scope.cancelled_caught:
+        log.warning("%d changes are still pending after %.0f s; they stay in the journal and "
+                    "are uploaded at the next mount", wb.status()["pending_ops"], cfg.flush_timeout)
+
+
+def control_handler(cfg: MountConfig, vfs: Vfs, ops: Operations) -> ControlHandler:
+    """What `sftpfs sync/status` talk to: the write-back layer's handler, or without
+    write-back (-o writeback=off, ro) a read-only one (nothing pending, sync returns
+    at once)."""
+    inner = vfs.control_handler() or ReadOnlyHandler(
+        connected=lambda: vfs.remote.connected, stats=ops.stats)
+    return LabelledHandler(inner, remote=cfg.source, mountpoint=str(cfg.mountpoint))
+
+
+async def _start_control(n: trio.Nursery, cfg: MountConfig, handler: ControlHandler) -> None:
+    """Serve the control socket (removed when the nursery ends). A socket that cannot
+    be made costs `sftpfs sync/status`, not the mount."""
+    path = control_path(cfg.mountpoint)
+    try:
+        await n.start(serve_control, path, handler)
+    except OSError as e:
+        log.warning("cannot serve control socket %s (%s): sftpfs sync and status will "
+                    "not work for this mount", path, e.strerror or e)
 
 
 async def _stats_on_signal(ops: Operations) -> None:

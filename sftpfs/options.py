@@ -61,7 +61,14 @@ class MountConfig:
     prefetch: int = 32
     timeout: float = 30.0
     cache_dir: Path | None = None
+    cache_size: int | None = None  # block cache limit; None: min(10 GiB, 10% of free space)
+    readahead_max: int = 16 * 2**20
+    small_file: int = 256 * 1024
     log_file: Path | None = None
+    writeback: bool = True
+    writeback_delay: float = 0.5
+    dirty_limit: int | None = None  # None: min(4 GiB, a quarter of the cache disk's free space)
+    flush_timeout: float = 600.0
     fuse_extra: list[str] = field(default_factory=list)
 
     @property
@@ -106,6 +113,18 @@ def _int(key: str, value: str, base: int = 10) -> int:
         return int(value, base)
     except ValueError:
         raise OptionError(f"option {key} needs a number, not '{value}'") from None
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)([kmgt]?)(?:i?b)?", re.I)
+_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_size(key: str, value: str) -> int:
+    """A size in bytes: 4096, 64k, 500M, 2G, 1.5g (binary units; KiB/MB spellings too)."""
+    m = _SIZE.fullmatch(value.strip())
+    if m is None:
+        raise OptionError(f"option {key} needs a size like 500M or 2G, not '{value}'")
+    return int(float(m[1]) * _UNITS[m[2].lower()])
 
 
 def build_config(source: str, mountpoint: str, *, port: int | None = None,
@@ -162,6 +181,14 @@ def _apply(cfg: MountConfig, opt: str) -> None:
         cfg.cache = value == "yes"
     elif key == "cache_dir":
         cfg.cache_dir = Path(os.path.expanduser(value))
+    elif key in ("cache_size", "readahead_max", "small_file", "dirty_limit"):
+        setattr(cfg, key, parse_size(key, value))
+    elif key == "writeback":
+        if value not in ("on", "off", "yes", "no"):
+            raise OptionError("option writeback takes on or off")
+        cfg.writeback = value in ("on", "yes")
+    elif key in ("writeback_delay", "flush_timeout"):
+        setattr(cfg, key, _seconds(key, value))
     elif key == "log":
         cfg.log_file = Path(os.path.expanduser(value))
     elif key == "ssh_config":

@@ -84,3 +84,26 @@ def test_a_name_found_later_joins_the_listing():
     clock.t = 10  # listing expired; a lookup finds a new name
     m.put_attrs(b"new", F)
     assert [n for n, _ in m.listing(b"", max_age=100)] == [b"a", b"new"]
+
+
+def test_pinned_names_survive_server_listings():
+    m, _ = cache()
+    m.added(b"new", F)
+    m.pin(b"new")
+    m.put_listing(b"", [(b"old", F)])  # the server does not have it yet
+    assert [n for n, _ in m.listing(b"")] == [b"new", b"old"]
+    m.pin_absent(b"old")
+    m.put_listing(b"", [(b"old", F)])
+    assert [n for n, _ in m.listing(b"")] == [b"new"]
+    assert m.absent(b"old")
+
+
+def test_single_misses_are_remembered_until_created():
+    m, clock = cache(ttl=5)
+    m.put_absent(b"d/x")  # no listing of d: remembered on its own
+    assert m.absent(b"d/x")
+    m.added(b"d/x", F)
+    assert not m.absent(b"d/x")
+    m.put_absent(b"d/y")
+    clock.t = 6
+    assert not m.absent(b"d/y")

@@ -19,6 +19,7 @@ from ..remote import protocol as p
 from ..remote.client import RemoteFile
 
 if TYPE_CHECKING:
+    from .readahead import Reader
     from .vfs import Vfs
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ class OpenFile:
 
     def __init__(self, vfs: Vfs, path: bytes, remote: RemoteFile, *, writable: bool) -> None:
         self.vfs = vfs
+        self.ino = 0  # the kernel's inode number, set by the fs layer
         self.path: bytes | None = path  # None once unlinked or replaced
         self.remote = remote
         self.writable = writable
@@ -40,8 +42,21 @@ class OpenFile:
         self._idle.set()
         self._pending = 0
         self._error: OSError | None = None
+        self.reader: Reader | None = None  # block cache and read-ahead (readahead.py)
+        self.keep_cache = False  # the kernel may keep its page cache (version unchanged)
+
+    async def fstat(self) -> p.Attrs:
+        """The file's attributes through this handle (it may be unlinked)."""
+        return await self.remote.fstat()
 
     async def read(self, offset: int, size: int) -> bytes:
+        if self.reader is not None:
+            self._raise_error()
+            return await self.reader.read(offset, size)
+        return await self.read_direct(offset, size)
+
+    async def read_direct(self, offset: int, size: int) -> bytes:
+        """Read from the server, bypassing the block cache."""
         self._raise_error()
         max_read = self.vfs.remote.io_sizes[0]
         if size <= max_read:
@@ -116,6 +131,8 @@ class OpenFile:
 
     async def release(self) -> None:
         """close(2) of the last descriptor: drain writes, close, refresh the cache."""
+        if self.reader is not None:
+            self.reader.close()
         error: OSError | None = None
         try:
             await self.flush()

@@ -116,15 +116,21 @@ class Lister:
                 return got
         ev = self._inflight[path] = trio.Event()
         try:
-            since = self.meta.mark()
-            entries = await self._list_remote(path)
-            self.stats["listed"] += 1
-            changed = self.meta.put_listing(path, entries, since)
-            self._unchecked.discard(path)
-            if changed:
-                self.on_change(path, changed)
-            self._queue_subdirs(path, entries)
-            return self.meta.listing(path) or sorted(entries)
+            for _attempt in range(3):
+                since = self.meta.mark()
+                entries = await self._list_remote(path)
+                self.stats["listed"] += 1
+                changed = self.meta.put_listing(path, entries, since)
+                self._unchecked.discard(path)
+                if changed:
+                    self.on_change(path, changed)
+                self._queue_subdirs(path, entries)
+                listing = self.meta.listing(path)
+                if listing is not None:
+                    return listing
+                # Entries changed here while the listing was on its way: it was
+                # not stored. Ask again; a busy directory gets our best overlay.
+            return self.meta.overlay(path, entries)
         finally:
             del self._inflight[path]
             ev.set()

@@ -52,12 +52,48 @@ class MetaCache:
         self.clock = clock
         self._attrs: dict[bytes, tuple[Attrs, float]] = {}
         self._dirs: dict[bytes, tuple[set[bytes], float]] = {}
+        self._missing: dict[bytes, float] = {}  # single ENOENT answers, by time
         # Directories whose listing changed since metastore last saved them.
         self.dirty: set[bytes] = set()
         # Bumped by every change of a path's attributes, so an answer that was
         # requested before a change can be told apart and dropped.
         self._changed: dict[bytes, int] = {}
         self._tick = 0
+        # Paths with changes not yet on the server (write-back): what the
+        # server says about them is not the truth yet, so it is not stored.
+        self._pinned: set[bytes] = set()  # exists locally, with our attributes
+        self._pinned_absent: set[bytes] = set()  # removed locally
+
+    # ---- pins (write-back) ----------------------------------------------------------
+
+    def pin(self, path: bytes) -> None:
+        """`path` exists with the attributes we hold, whatever the server says."""
+        self._pinned_absent.discard(path)
+        self._pinned.add(path)
+
+    def pin_absent(self, path: bytes) -> None:
+        self._pinned.discard(path)
+        self._pinned_absent.add(path)
+
+    def unpin(self, path: bytes) -> None:
+        self._pinned.discard(path)
+        self._pinned_absent.discard(path)
+
+    def pins_below(self, path: bytes) -> list[bytes]:
+        return [q for pins in (self._pinned, self._pinned_absent) for q in pins
+                if is_below(q, path)]
+
+    def pinned(self, path: bytes) -> bool:
+        return path in self._pinned or path in self._pinned_absent
+
+    def _move_pins(self, old: bytes, new: bytes) -> None:
+        # Pins are few (only paths with pending changes): plain scans are fine.
+        for pins in (self._pinned, self._pinned_absent):
+            pins.difference_update([q for q in pins if is_below(q, new)])
+        for pins in (self._pinned, self._pinned_absent):
+            moved = [q for q in pins if is_below(q, old)]
+            pins.difference_update(moved)
+            pins.update(new + q[len(old):] for q in moved)
 
     # ---- change counter ----------------------------------------------------------
 
@@ -91,14 +127,19 @@ class MetaCache:
     def attrs(self, path: bytes, max_age: float | None = None) -> Attrs | None:
         """Attributes no older than `max_age` (default: the TTL)."""
         hit = self._attrs.get(path)
-        if hit is not None and self._young(hit[1], max_age):
+        if hit is not None and (self._young(hit[1], max_age) or path in self._pinned):
             return hit[0]
         return None
 
     def absent(self, path: bytes, max_age: float | None = None) -> bool:
         """The parent's listing, no older than `max_age`, proves `path` does not exist."""
-        if not path:
+        if not path or path in self._pinned:
             return False
+        if path in self._pinned_absent:
+            return True
+        miss = self._missing.get(path)
+        if miss is not None and self._young(miss, max_age):
+            return True
         hit = self._dirs.get(parent_of(path))
         return hit is not None and self._young(hit[1], max_age) and name_of(path) not in hit[0]
 
@@ -119,6 +160,20 @@ class MetaCache:
             out.append((name, a[0]))
         return out
 
+    def overlay(self, path: bytes, entries: list[tuple[bytes, Attrs]]) -> list[tuple[bytes, Attrs]]:
+        """Server entries of `path` corrected by what we know better (pending changes)."""
+        out = {}
+        for name, a in entries:
+            p = join(path, name)
+            if p in self._pinned_absent:
+                continue
+            mine = self._attrs.get(p) if p in self._pinned else None
+            out[name] = mine[0] if mine else a
+        for p in self._pinned:
+            if parent_of(p) == path and p in self._attrs:
+                out[name_of(p)] = self._attrs[p][0]
+        return sorted(out.items())
+
     def listing_time(self, path: bytes) -> float | None:
         hit = self._dirs.get(path)
         return hit[1] if hit is not None else None
@@ -127,6 +182,9 @@ class MetaCache:
 
     def put_attrs(self, path: bytes, attrs: Attrs) -> None:
         """The server says `path` exists with these attributes."""
+        if path in self._pinned or path in self._pinned_absent:
+            return
+        self._missing.pop(path, None)
         self._attrs[path] = (attrs, self.clock())
         hit = self._dirs.get(parent_of(path))
         if hit is not None:
@@ -154,9 +212,12 @@ class MetaCache:
         names = set()
         changed = []
         for name, a in entries:
-            names.add(name)
             p = join(path, name)
-            if since is not None and self.changed_since(p, since):
+            if p in self._pinned_absent:
+                continue
+            self._missing.pop(p, None)
+            names.add(name)
+            if p in self._pinned or (since is not None and self.changed_since(p, since)):
                 continue
             prev = self._attrs.get(p)
             if old is not None and (prev is None or not same_version(prev[0], a)):
@@ -164,6 +225,8 @@ class MetaCache:
             self._attrs[p] = (a, at)
         if since is not None and self._entries_changed_since(path, since):
             return changed
+        # Names with pending changes exist whatever the server says (pins are few).
+        names |= {name_of(q) for q in self._pinned if q and parent_of(q) == path}
         if old is not None:
             for gone in old[0] - names:
                 changed.append(gone)
@@ -175,27 +238,41 @@ class MetaCache:
 
     def put_absent(self, path: bytes) -> None:
         """The server said ENOENT: forget what we had, and note it in the parent."""
+        if path in self._pinned:
+            return
         self._drop_tree(path)
         hit = self._dirs.get(parent_of(path))
         if hit is not None:
             hit[0].discard(name_of(path))
+        elif path:
+            if len(self._missing) > 100_000:
+                self._missing.clear()
+            self._missing[path] = self.clock()
 
     # ---- our own changes ---------------------------------------------------------------
 
     def added(self, path: bytes, attrs: Attrs) -> None:
+        """A new object made by us: a new directory is known to be empty."""
+        self.put_local(path, attrs)
+        if attrs.is_dir:
+            self._dirs[path] = (set(), self.clock())
+            self.dirty.add(path)
+
+    def put_local(self, path: bytes, attrs: Attrs) -> None:
+        """Our own knowledge of an existing path's attributes (pins do not apply)."""
+        self._missing.pop(path, None)
         self._attrs[path] = (attrs, self.clock())
         hit = self._dirs.get(parent_of(path))
         if hit is not None:
             hit[0].add(name_of(path))
         self._bump(path)
-        if attrs.is_dir:
-            self._dirs[path] = (set(), self.clock())
-            self.dirty.add(path)
 
     def removed(self, path: bytes) -> None:
+        self._pinned.discard(path)
         self.put_absent(path)
 
     def renamed(self, old: bytes, new: bytes) -> None:
+        self._move_pins(old, new)
         self._drop_tree(new)
         if self._has_subtree(old):
             moved_attrs = {p: v for p, v in self._attrs.items() if is_below(p, old)}
@@ -204,6 +281,7 @@ class MetaCache:
             moved_attrs = {old: self._attrs[old]} if old in self._attrs else {}
             moved_dirs = {}
         self._drop_tree(old)
+        self._missing.pop(new, None)
         for p, v in moved_attrs.items():
             self._attrs[new + p[len(old):]] = v
             self._bump(new + p[len(old):])
@@ -232,8 +310,14 @@ class MetaCache:
         self._attrs.pop(path, None)
         self._bump(path)
 
+    def invalidate_dir(self, path: bytes) -> None:
+        """Forget the listing of `path`: the next readdir asks the server."""
+        if self._dirs.pop(path, None) is not None:
+            self.dirty.add(path)
+
     def forget_all(self) -> None:
         """Drop everything (cache=no remounts, tests)."""
+        self._missing.clear()
         self._attrs.clear()
         self._dirs.clear()
         self.dirty.clear()

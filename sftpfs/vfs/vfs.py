@@ -18,10 +18,13 @@ import trio
 from ..remote import protocol as p
 from ..remote.client import Remote
 from ..remote.errors import SftpError
+from .deferred import Deferred
 from .files import OpenFile, open_flags_to_pflags
 from .lister import Lister
 from .meta import MetaCache, is_below, join, parent_of
 from .metastore import MetaStore
+from .readahead import ReadAhead, ReadOptions
+from .writeback import WriteBack, claim_slot
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +44,24 @@ def _applied(a: p.Attrs, ch: p.Attrs) -> p.Attrs:
                    mtime=a.mtime if ch.mtime is None else ch.mtime)
 
 
+class _Control:
+    """The control socket's view of write-back (see control.ControlHandler)."""
+
+    def __init__(self, wb: WriteBack) -> None:
+        self.wb = wb
+
+    def status(self) -> dict:
+        return self.wb.status()
+
+    async def sync(self, progress) -> dict:
+        ok = await self.wb.sync_all(progress)  # ok: nothing failed during this sync
+        return {**self.wb.status(), "ok": ok}
+
+
 class Vfs:
     def __init__(self, remote: Remote, root: bytes, *, meta_ttl: float, readonly: bool = False,
                  cache_dir: Path | None = None, max_stale: float = 0.0,
-                 prefetch: int = 32) -> None:
+                 prefetch: int = 32, reads: ReadOptions | None = None) -> None:
         self.remote = remote
         self.root = root.rstrip(b"/")
         self.cache_dir = cache_dir  # private (0700) directory of this remote tree
@@ -54,13 +71,30 @@ class Vfs:
                              prefetch=prefetch)
         self.readonly = readonly
         self.open_files: set[OpenFile] = set()
+        self.reads = ReadAhead(self, reads)  # block cache, read-ahead, directory prefetch
+        self.deferred: Deferred | None = None  # write-back mode, see enable_writeback
         self.nursery: trio.Nursery  # set by run()
+
+    def control_handler(self) -> _Control | None:
+        """What `sftpfs sync` and `status` talk to (control.py); None without write-back."""
+        return _Control(self.deferred.wb) if self.deferred is not None else None
+
+    def enable_writeback(self, **options) -> WriteBack:
+        """Changes return at once and are uploaded in the background (deferred.py)."""
+        assert self.cache_dir is not None
+        directory = claim_slot(self.cache_dir / "writeback")
+        wb = WriteBack(self.remote, self.rpath, self.meta, directory, **options)
+        self.deferred = Deferred(self, wb)
+        return wb
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Own the background tasks (write completions, listings) until cancelled."""
         async with trio.open_nursery() as n:
             self.nursery = n
             await n.start(self.lister.run)
+            await n.start(self.reads.run)
+            if self.deferred is not None:
+                await n.start(self.deferred.wb.run)
             task_status.started()
             await trio.sleep_forever()
 
@@ -84,6 +118,8 @@ class Vfs:
             return a
         if self.meta.absent(path):
             raise _err(errno.ENOENT)
+        if self.deferred is not None and self.meta.pinned(path):
+            return await self._pinned_attrs(path)
         if len(path.rpartition(b"/")[2]) > NAME_MAX:
             raise _err(errno.ENAMETOOLONG)
         if path and await self.lister.usable(parent_of(path)):
@@ -106,7 +142,26 @@ class Vfs:
     async def listdir(self, path: bytes) -> list[tuple[bytes, p.Attrs]]:
         return await self.lister.listdir(path)
 
+    async def _pinned_attrs(self, path: bytes) -> p.Attrs:
+        """Attributes of a path with pending changes but none cached (after a restart)."""
+        assert self.deferred is not None
+        try:
+            server: p.Attrs | None = await self.remote.lstat(self.rpath(path))
+        except SftpError as e:
+            if e.errno != errno.ENOENT:
+                raise
+            server = None
+        a = self.deferred.wb.overlay(path, server)
+        if a is None:
+            raise _err(errno.ENOENT)
+        self.meta.put_local(path, a)
+        return a
+
     async def readlink(self, path: bytes) -> bytes:
+        if self.deferred is not None:
+            target = await self.deferred.readlink(path)
+            if target is not None:
+                return target
         return await self.remote.readlink(self.rpath(path))
 
     async def statfs(self) -> p.Statvfs | None:
@@ -116,6 +171,9 @@ class Vfs:
 
     async def mkdir(self, path: bytes, mode: int) -> p.Attrs:
         self._check_write(path)
+        if self.deferred is not None:
+            self.reads.changed(path)
+            return await self.deferred.mkdir(path, mode)
         a = await self.remote.mkdir(self.rpath(path), mode)
         self.meta.added(path, a)
         self._touch_dir(parent_of(path))
@@ -123,6 +181,8 @@ class Vfs:
 
     async def symlink(self, path: bytes, target: bytes) -> p.Attrs:
         self._check_write(path)
+        if self.deferred is not None:
+            return await self.deferred.symlink(path, target)
         a = await self.remote.symlink(target, self.rpath(path))
         self.meta.added(path, a)
         self._touch_dir(parent_of(path))
@@ -130,30 +190,48 @@ class Vfs:
 
     async def link(self, src: bytes, dst: bytes) -> p.Attrs:
         self._check_write(dst)
+        if self.deferred is not None:
+            self.reads.changed(dst)
+            return await self.deferred.link(src, dst)
         a = await self.remote.hardlink(self.rpath(src), self.rpath(dst))
+        self.reads.changed(dst)
         self.meta.added(dst, a)
         self.meta.invalidate(src)  # its ctime changed
         self._touch_dir(parent_of(dst))
         return a
 
     async def unlink(self, path: bytes) -> None:
+        if self.deferred is not None:
+            self._check_write()
+            await self.deferred.unlink(path)
+            self._gone(path)
+            return
         self._check_write()
         await self.remote.remove(self.rpath(path))
         self._gone(path)
 
     async def rmdir(self, path: bytes) -> None:
+        if self.deferred is not None:
+            self._check_write()
+            await self.deferred.rmdir(path)
+            self._gone(path)
+            return
         self._check_write()
         await self.remote.rmdir(self.rpath(path))
         self._gone(path)
 
     async def rename(self, old: bytes, new: bytes, *, noreplace: bool = False) -> None:
         self._check_write(new)
-        if noreplace and self.meta.attrs(new) is not None:
-            raise _err(errno.EEXIST)
-        await self.remote.rename(self.rpath(old), self.rpath(new), replace=not noreplace)
-        self.meta.renamed(old, new)
-        self._touch_dir(parent_of(old))
-        self._touch_dir(parent_of(new))
+        if self.deferred is not None:
+            await self.deferred.rename(old, new, noreplace)
+        else:
+            if noreplace and self.meta.attrs(new) is not None:
+                raise _err(errno.EEXIST)
+            await self.remote.rename(self.rpath(old), self.rpath(new), replace=not noreplace)
+            self.meta.renamed(old, new)
+            self._touch_dir(parent_of(old))
+            self._touch_dir(parent_of(new))
+        self.reads.changed(new)  # another file's contents under this name now
         for f in self.open_files:
             if f.path is not None:
                 if f.path == new and not is_below(new, old):
@@ -165,6 +243,10 @@ class Vfs:
     async def setattr(self, path: bytes, changes: p.Attrs, file: OpenFile | None = None) -> p.Attrs:
         """chmod/chown/utimens/truncate in one SETSTAT; returns the new attributes."""
         self._check_write()
+        if changes.size is not None:
+            self.reads.changed(path)  # truncate: cached blocks are not its content any more
+        if self.deferred is not None:
+            return await self.deferred.setattr(path, changes, file)
         if file is not None:
             await file.flush()
         if (changes.atime is None) != (changes.mtime is None):
@@ -192,12 +274,21 @@ class Vfs:
 
     async def create(self, path: bytes, mode: int, flags: int) -> tuple[OpenFile, p.Attrs]:
         self._check_write(path)
+        if self.deferred is not None:
+            self.reads.changed(path)
+            made = await self.deferred.create(path, mode, flags)
+            if made is None:  # it exists after all: open it
+                f, _changed = await self.open(path, flags & ~(os.O_CREAT | os.O_EXCL))
+                return f, await self.getattr(path)
+            self.open_files.add(made[0])
+            return made
         pflags = open_flags_to_pflags(flags) | p.FXF_CREAT | p.FXF_WRITE
         rf = self.remote.open(self.rpath(path), pflags)
         a = await rf.open(mode)
         self.meta.added(path, a)
         self._touch_dir(parent_of(path))
         f = OpenFile(self, path, rf, writable=True)
+        await self.reads.opened(f, a)
         self.open_files.add(f)
         return f, a
 
@@ -206,6 +297,19 @@ class Vfs:
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
         if writable:
             self._check_write()
+        if self.deferred is not None:
+            local = await self.deferred.open(path, flags)
+            if local is not None:
+                if writable:
+                    self.reads.changed(path)
+                self.open_files.add(local)
+                return local, False
+        if not writable:
+            # Fresh attributes and every block cached: no round trip at all.
+            local = await self.reads.open_local(path)
+            if local is not None:
+                self.open_files.add(local)
+                return local, False
         rf = self.remote.open(self.rpath(path), open_flags_to_pflags(flags))
         # Compare with what the kernel may hold: our last answer, however old.
         cached = self.meta.attrs(path, max_age=float("inf"))
@@ -213,6 +317,7 @@ class Vfs:
         changed = cached is not None and (cached.size, cached.mtime) != (a.size, a.mtime)
         self.meta.put_attrs(path, a)
         f = OpenFile(self, path, rf, writable=writable)
+        await self.reads.opened(f, a)
         self.open_files.add(f)
         return f, changed
 

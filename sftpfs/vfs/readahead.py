@@ -1,0 +1,590 @@
+"""Read-ahead: within a file (per open handle) and across the files of a directory.
+
+Over a link with 40 ms of latency, a read that waits for its own request runs
+at 128 KiB per round trip (3 MB/s). The per-handle `Reader` notices
+sequential reads and keeps a window of blocks in flight ahead of the reader,
+doubling it on every sequential read up to `readahead_max` (sized to cover the
+bandwidth-delay product) and dropping back on a jump. Small files are fetched
+whole on the first read.
+
+Tools that copy or scan trees (rsync, cp -r, tar, grep -r, file, thumbnailers)
+read many small files one after another; each costs a few round trips (open,
+read, close) however small it is. `DirPrefetcher` notices files of a
+directory being opened in name order and fetches the next ones (walking on
+into the following directories, depth first in name order, the order rsync
+and sorted argument lists use) into the block cache. An open of a file whose
+attributes are fresh and whose blocks are all cached is then answered
+locally, with no round trip at all (`ReadAhead.open_local`).
+
+Consistency: blocks are per file version (see blocks.py), and a version is only
+trusted if its mtime is at least `RECENT` seconds old (SFTP mtimes are whole
+seconds: two writes within one second can leave size and mtime equal). While
+this mount has the file open for writing, reads bypass the cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import trio
+
+from ..remote import protocol as p
+from ..remote.sftp import SftpSession
+from .blocks import BlockCache, BlockUnavailable, Version, _Slots, default_cache_size
+from .files import OpenFile
+from .meta import join, name_of, parent_of
+
+if TYPE_CHECKING:
+    from ..remote.protocol import Attrs
+    from .vfs import Vfs
+
+log = logging.getLogger(__name__)
+
+RECENT = 2.0  # seconds: a younger mtime may still change without changing
+INITIAL_WINDOW = 512 * 1024  # read-ahead after the first sequential read
+SEQ_SLACK = 2 * 2**20  # the kernel's own read-ahead arrives a little out of order
+LOCAL_OPEN_MAX_BLOCKS = 256  # larger files always open on the server (1 RTT is nothing for them)
+SEEN_MAX = 100_000
+
+# Directory prefetch
+WALK_INITIAL_FILES = 8
+WALK_MAX_FILES = 512
+WALK_IDLE = 30.0  # a walk that sees no hit for this long ends
+MAX_WALKS = 4
+FILES_IN_FLIGHT = 64
+BULK_SLOTS = 128  # requests in flight on the prefetch channel
+
+
+@dataclass
+class ReadOptions:
+    """What -o cache_size, readahead_max and small_file set."""
+
+    cache_size: int | None = None  # None: default_cache_size(); 0: no disk cache
+    readahead_max: int = 16 * 2**20
+    small_file: int = 256 * 1024
+
+
+class ReadAhead:
+    """Per mount: the block cache, readers for open files, the directory prefetcher."""
+
+    def __init__(self, vfs: Vfs, opts: ReadOptions | None = None) -> None:
+        self.vfs = vfs
+        self.opts = opts or ReadOptions()
+        directory = None
+        if vfs.cache_dir is not None and self.opts.cache_size != 0:
+            directory = vfs.cache_dir / "blocks"
+        limit = self.opts.cache_size or default_cache_size(vfs.cache_dir)
+        self.blocks = BlockCache(directory, limit)
+        self.prefetcher = DirPrefetcher(self)
+        self._seen: OrderedDict[bytes, Version] = OrderedDict()  # version at the last open
+        self.nursery: trio.Nursery | None = None
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as n:
+                await n.start(self.blocks.run)
+                self.nursery = n
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self.nursery = None
+            self.prefetcher.bulk.close()
+
+    @property
+    def max_read(self) -> int:
+        return self.vfs.remote.io_sizes[0]
+
+    # ---- versions -------------------------------------------------------------------
+
+    def writing(self, path: bytes | None) -> bool:
+        """This mount has `path` open for writing: its reads bypass the cache."""
+        return path is not None and any(f.writable and f.path == path for f in self.vfs.open_files)
+
+    async def version(self, path: bytes, a: Attrs) -> Version | None:
+        """The version whose blocks may be used for `path` now; None: do not cache."""
+        if a.size is None or a.mtime is None or (a.mode is not None and not a.is_reg):
+            return None
+        if time.time() - a.mtime < RECENT or self.writing(path) or self.dirty(path) is not None:
+            return None
+        return Version(path, a.size, a.mtime, await self.blocks.epoch(path))
+
+    def dirty(self, path: bytes | None):
+        """Local changes of `path` not yet on the server (write-back), or None."""
+        deferred = getattr(self.vfs, "deferred", None)
+        if deferred is None or path is None:
+            return None
+        return deferred.wb.file_for(path)
+
+    async def overlay_read(self, dirty, offset: int, size: int, server_read) -> bytes:
+        """Read a file with pending local changes: dirty ranges over the server's bytes.
+
+        The same rule as write-back's own open files (deferred.PendingFile.read).
+        """
+        wb = self.vfs.deferred.wb
+        end = min(offset + size, dirty.size)
+        if offset >= end:
+            return b""
+        if dirty.new or dirty.ranges.covers(offset, end):
+            return wb.read_local(dirty, offset, end - offset)
+        out = bytearray(await server_read(offset, end - offset))
+        out.extend(b"\0" * (end - offset - len(out)))  # past the server's end: zeros
+        for s, e in dirty.ranges:
+            lo, hi = max(s, offset), min(e, end)
+            if lo < hi:
+                out[lo - offset:hi - offset] = wb.read_local(dirty, lo, hi - lo)
+        return bytes(out)
+
+    def changed(self, path: bytes) -> None:
+        """This mount changes the contents of `path` (write, truncate, rename onto it)."""
+        self.blocks.bump(path)
+        self._seen.pop(path, None)
+
+    def _all_available(self, v: Version) -> bool:
+        return all(self.blocks.available(v.block_key(i)) for i in range(v.nblocks()))
+
+    # ---- opens ------------------------------------------------------------------------
+
+    async def open_local(self, path: bytes) -> OpenFile | None:
+        """Open without asking the server, if its fresh attributes name a fully cached version.
+
+        Fresh means within cache_timeout, the bound close-to-open has anyway.
+        """
+        a = self.vfs.meta.attrs(path)
+        if a is None:
+            return None
+        v = await self.version(path, a)
+        if v is None or v.nblocks() > LOCAL_OPEN_MAX_BLOCKS or not self._all_available(v):
+            return None
+        f = OpenFile(self.vfs, path, self.vfs.remote.open(self.vfs.rpath(path), p.FXF_READ),
+                     writable=False)
+        self._attach(f, v, local=True)
+        self.prefetcher.opened(path, a)
+        return f
+
+    async def opened(self, f: OpenFile, a: Attrs) -> None:
+        """A file was opened on the server; `a` are its attributes as of the open."""
+        if f.path is None:
+            return
+        if f.writable:
+            self.changed(f.path)
+            return
+        v = await self.version(f.path, a)
+        if v is None:
+            self._seen.pop(f.path, None)
+        else:
+            self._attach(f, v, local=False)
+        self.prefetcher.opened(f.path, a)
+
+    def _attach(self, f: OpenFile, v: Version, *, local: bool) -> None:
+        assert f.path is not None
+        f.keep_cache = self._seen.get(f.path) == v
+        self._seen[f.path] = v
+        self._seen.move_to_end(f.path)
+        if len(self._seen) > SEEN_MAX:
+            self._seen.popitem(last=False)
+        f.reader = Reader(self, f, v, local=local)
+
+
+class Reader:
+    """Reads of one open file through the block cache, with a read-ahead window."""
+
+    def __init__(self, ra: ReadAhead, f: OpenFile, v: Version, *, local: bool) -> None:
+        self.ra = ra
+        self.bc = ra.blocks
+        self.file = f
+        self.version = v
+        self.verified = not local  # opened on the server, with a stat of this version
+        self._verify_lock = trio.Lock()
+        self.window = INITIAL_WINDOW
+        self.next_off = 0
+        self.ra_next = 0  # first block not yet scheduled for read-ahead
+        self.scopes: set[trio.CancelScope] = set()  # every fetch run reading through the handle
+        self.closed = False
+        self.served = False  # some data of `version` was returned
+        self.bypass = False  # read from the server, uncached, from now on
+
+    def _source(self, v: Version):
+        """The server reads of fetch runs for `v`: never into `v` if the file is not `v`."""
+
+        async def read(offset: int, length: int) -> bytes:
+            await self._verify()
+            if self.version is not v or self.bypass:
+                raise BlockUnavailable(f"{v.path!r} is not the version being fetched")
+            return await self.file.remote.read(offset, length)
+
+        return read
+
+    async def _verify(self) -> None:
+        """A file opened locally opens on the server at its first miss: same version?
+
+        If not, and nothing of the cached version was returned yet (and the
+        kernel dropped its pages at open), this handle reads the server's
+        version instead; otherwise mixing would be possible: ESTALE.
+        """
+        if self.verified:
+            return
+        async with self._verify_lock:
+            if self.verified:
+                return
+            a = await self.file.remote.open()
+            v = self.version
+            if (a.size, a.mtime) != (v.size, v.mtime):
+                if self.served or self.file.keep_cache:
+                    log.warning("%r changed on the server while open (cached version %d bytes, "
+                                "mtime %d; now %s bytes, mtime %s): stale file handle",
+                                v.path, v.size, v.mtime, a.size, a.mtime)
+                    raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
+                log.info("%r changed on the server since it was listed; reading the new version",
+                         v.path)
+                if self.file.path is not None:
+                    self.ra.vfs.meta.put_attrs(self.file.path, a)
+                nv = await self.ra.version(v.path, a)
+                if nv is None:
+                    self.bypass = True
+                else:
+                    self.version = nv
+            self.verified = True
+
+    async def read(self, offset: int, size: int) -> bytes:
+        f = self.file
+        for _attempt in range(3):
+            dirty = self.ra.dirty(f.path)
+            if dirty is not None:
+                # Written through this mount, not all uploaded yet (write-back): our
+                # changes over the server's version, uncached.
+                return await self.ra.overlay_read(dirty, offset, size, f.read_direct)
+            if self.bypass or self.ra.writing(f.path):
+                # Uncacheable, or open for writing here: the server has it in order.
+                return await f.read_direct(offset, size)
+            v = self.version
+            if size <= 0:
+                return b""
+            if offset >= v.size:
+                # Beyond this version's end (the kernel saw the file grow): ask the server.
+                await self._verify()
+                if self.version is v and not self.bypass:
+                    return await f.read_direct(offset, size)
+                continue
+            data = await self._cached(v, offset, size)
+            if data is not None:
+                self.served = True
+                return data
+            # A fetch failed (or a block was evicted meanwhile): read directly, after
+            # making sure a locally opened file is still the version it was opened as.
+            await self._verify()
+            if self.version is v and not self.bypass:
+                return await f.read_direct(offset, size)
+        return await f.read_direct(offset, size)
+
+    async def _cached(self, v: Version, offset: int, size: int) -> bytes | None:
+        end = min(offset + size, v.size)
+        bs = self.bc.block_size
+        first, last = offset // bs, (end - 1) // bs
+        if self.closed:
+            return None
+        if v.size <= self.ra.opts.small_file:
+            self.bc.fetch(v, 0, v.nblocks() - 1, self._source(v), self.ra.max_read, demand=True,
+                          scopes=self.scopes)
+        else:
+            self.bc.fetch(v, first, last, self._source(v), self.ra.max_read, demand=True,
+                          scopes=self.scopes)
+            self._read_ahead(offset, end)
+        parts = []
+        for idx in range(first, last + 1):
+            data = await self.bc.get(v.block_key(idx))
+            if data is None or len(data) != v.block_len(idx, bs):
+                return None
+            parts.append(data)
+        lo = offset - first * bs
+        if len(parts) == 1:
+            return parts[0][lo: lo + end - offset]
+        return b"".join(parts)[lo: lo + end - offset]
+
+    def _read_ahead(self, offset: int, end: int) -> None:
+        v, bs = self.version, self.bc.block_size
+        if self.next_off - SEQ_SLACK <= offset <= self.next_off + self.window:
+            self.window = min(self.window * 2, self.ra.opts.readahead_max)
+            self.next_off = max(self.next_off, end)
+        else:  # a jump: random access reads what it asks for, no more
+            self.window = INITIAL_WINDOW
+            self.next_off = end
+            self.ra_next = 0
+            return
+        target = min(v.size, end + self.window)
+        lo = max((end - 1) // bs + 1, self.ra_next)
+        hi = (target - 1) // bs
+        if hi >= lo and not self.closed:
+            self.bc.fetch(v, lo, hi, self._source(v), self.ra.max_read, demand=False, scopes=self.scopes)
+            self.ra_next = hi + 1
+
+    def close(self) -> None:
+        """The handle is closing: stop every fetch through it before its CLOSE is sent.
+
+        A READ sent after the CLOSE could hit the same handle number reused by
+        another OPEN and cache another file's bytes. Cancelled runs stop at
+        their next checkpoint, before sending anything (other readers of the
+        same blocks refetch them).
+        """
+        self.closed = True
+        for scope in list(self.scopes):
+            scope.cancel()
+
+
+# --------------------------------------------------------------------- directory walks
+
+
+class _Walk:
+    def __init__(self, start: bytes) -> None:
+        self.start = start
+        self.dir = parent_of(start)
+        self.window = WALK_INITIAL_FILES
+        self.expected: OrderedDict[bytes, int] = OrderedDict()  # upcoming files -> size
+        self.bytes_ahead = 0
+        self.wake = trio.Event()
+        self.scope = trio.CancelScope()
+        self.last_hit = trio.current_time()
+
+    def hit(self, path: bytes) -> None:
+        """The program opened `path`, which this walk predicted: widen and move on."""
+        while self.expected:
+            q, size = self.expected.popitem(last=False)
+            self.bytes_ahead -= size
+            if q == path:
+                break
+        self.dir = parent_of(path)
+        self.window = min(self.window * 2, WALK_MAX_FILES)
+        self.last_hit = trio.current_time()
+        self.wake.set()
+
+
+class DirPrefetcher:
+    """Notices a program reading the files of a directory in name order and reads ahead of it."""
+
+    def __init__(self, ra: ReadAhead) -> None:
+        self.ra = ra
+        self.walks: list[_Walk] = []
+        self._last_in_dir: OrderedDict[bytes, bytes] = OrderedDict()  # dir -> last name opened
+        self._files = trio.Semaphore(FILES_IN_FLIGHT)
+        self.bulk = BulkChannel(ra)
+
+    @property
+    def max_file(self) -> int:
+        return self.ra.opts.small_file
+
+    def opened(self, path: bytes, a: Attrs) -> None:
+        for w in self.walks:
+            if path in w.expected:
+                w.hit(path)
+                return
+        d, name = parent_of(path), name_of(path)
+        prev = self._last_in_dir.pop(d, None)
+        self._last_in_dir[d] = name
+        if len(self._last_in_dir) > 4096:
+            self._last_in_dir.popitem(last=False)
+        if prev is not None and prev < name and self.ra.nursery is not None:
+            self._start(path)
+
+    def _start(self, path: bytes) -> None:
+        d = parent_of(path)
+        for w in [w for w in self.walks if w.dir == d]:
+            w.scope.cancel()
+            self.walks.remove(w)
+        while len(self.walks) >= MAX_WALKS:
+            self.walks.pop(0).scope.cancel()
+        w = _Walk(path)
+        self.walks.append(w)
+        assert self.ra.nursery is not None
+        self.ra.nursery.start_soon(self._walk, w)
+
+    async def _walk(self, w: _Walk) -> None:
+        budget = self.ra.opts.readahead_max
+        try:
+            with w.scope:
+                await self._walk_files(w, budget)
+        except Exception as e:  # noqa: BLE001 - prefetch is an optimisation: never fatal
+            log.warning("directory prefetch stopped: %s", e, exc_info=True)
+        finally:
+            if w in self.walks:
+                self.walks.remove(w)
+
+    async def _walk_files(self, w: _Walk, budget: int) -> None:
+        async with trio.open_nursery() as n, contextlib.aclosing(self._files_after(w.start)) as files:
+            if w.dir:
+                # The walk goes on into the sibling directories: list the parent now, so
+                # the lister's walk prefetch lists them (depth x RTT) before we get there.
+                n.start_soon(self._listing, parent_of(w.dir))
+            exhausted = False
+            while True:
+                w.wake = trio.Event()
+                while not exhausted and len(w.expected) < w.window and w.bytes_ahead < budget:
+                    item = await anext(files, None)
+                    if item is None:
+                        exhausted = True
+                        break
+                    path, a = item
+                    size = a.size or 0
+                    fetch = 0 < size <= self.max_file
+                    w.expected[path] = size if fetch else 0
+                    if fetch:
+                        w.bytes_ahead += size
+                        await self._files.acquire()
+                        n.start_soon(self._fetch_file, path, a)
+                if not w.wake.is_set():
+                    with trio.move_on_after(WALK_IDLE):
+                        await w.wake.wait()
+                if trio.current_time() - w.last_hit >= WALK_IDLE:
+                    break
+            n.cancel_scope.cancel()
+
+    async def _files_after(self, start: bytes) -> AsyncIterator[tuple[bytes, Attrs]]:
+        """Regular files after `start` in depth-first, name-sorted order."""
+        d, after = parent_of(start), name_of(start)
+        while True:
+            for name, a in await self._listing(d):
+                if name <= after:
+                    continue
+                path = join(d, name)
+                if a.is_dir:
+                    async for item in self._files_below(path):
+                        yield item
+                elif a.is_reg:
+                    yield path, a
+            if not d:
+                return
+            d, after = parent_of(d), name_of(d)
+
+    async def _files_below(self, d: bytes, depth: int = 0) -> AsyncIterator[tuple[bytes, Attrs]]:
+        if depth > 64:
+            return
+        for name, a in await self._listing(d):
+            path = join(d, name)
+            if a.is_dir:
+                async for item in self._files_below(path, depth + 1):
+                    yield item
+            elif a.is_reg:
+                yield path, a
+
+    async def _listing(self, d: bytes) -> list[tuple[bytes, Attrs]]:
+        try:
+            return await self.ra.vfs.listdir(d)
+        except OSError as e:
+            log.debug("prefetch: cannot list %r: %s", d, e)
+            return []
+
+    async def _fetch_file(self, path: bytes, a: Attrs) -> None:
+        """Fetch a small file whole: OPEN, then READs and CLOSE together (2 round trips)."""
+        try:
+            v = await self.ra.version(path, a)
+            if v is None:
+                return
+            bc = self.ra.blocks
+            keys = [v.block_key(i) for i in range(v.nblocks())]
+            if any(bc.inflight(k) is not None for k in keys) or all(bc.available(k) for k in keys):
+                return
+            blocks = [(k, bc.begin(k)) for k in keys]
+            try:
+                data = await self._read_whole(path, v.size)
+                if data is not None and len(data) == v.size:
+                    bs = bc.block_size
+                    for i, (k, b) in enumerate(blocks):
+                        assert b is not None
+                        bc.complete(k, b, data[i * bs:(i + 1) * bs])
+                elif data is not None:
+                    log.debug("prefetch: %r changed since listed (%d bytes, listed %d)",
+                              path, len(data), v.size)
+                    self.ra.vfs.meta.invalidate(path)  # an open asks the server then
+            finally:
+                for k, b in blocks:
+                    if b is not None and not b.event.is_set():
+                        bc.fail(k, b)
+        except Exception as e:  # noqa: BLE001 - a failed prefetch only costs the reader a fetch
+            log.debug("prefetch of %r failed: %s", path, e)
+        finally:
+            self._files.release()
+
+    async def _read_whole(self, path: bytes, size: int) -> bytes | None:
+        """The file's bytes, asking one byte more than `size` to notice growth.
+
+        Shielded from OPEN to CLOSE: a handle abandoned half way would stay
+        open on the server, and a second CLOSE could hit a reused handle.
+        (A dead link still ends it: the session times out.)
+        """
+        s, slots = await self.bulk.session()
+        with trio.CancelScope(shield=True):
+            async with _Slots(slots, 1):
+                h = await s.open(self.ra.vfs.rpath(path), p.FXF_READ)
+            m = self.ra.max_read
+            reads = [(p.FXP_READ, p.string(h), p.u64(off), p.u32(min(m, size + 1 - off)))
+                     for off in range(0, size + 1, m)]
+            async with _Slots(slots, len(reads) + 1):
+                replies = await s.pipeline(*reads, (p.FXP_CLOSE, p.string(h)))
+        out = []
+        for rtype, r in replies[:-1]:
+            if rtype == p.FXP_DATA:
+                out.append(r.string())
+            elif rtype == p.FXP_STATUS and r.u32() == p.FX_EOF:
+                break
+            else:
+                return None
+        return b"".join(out)
+
+
+class BulkChannel:
+    """A second SFTP channel on the same SSH connection, for the directory prefetcher.
+
+    Prefetching small files is bound by requests in flight (OPEN, then READ
+    and CLOSE: two round trips a file, however small). On its own channel it
+    has its own request slots and its own sftp-server process, so it can keep
+    many files in flight without queueing the mount's own requests behind
+    them. Until the channel is open (or if the server refuses a second one),
+    prefetch uses the main session within the read-ahead share of its slots.
+    """
+
+    RETRY_AFTER = 60.0
+
+    def __init__(self, ra: ReadAhead) -> None:
+        self.ra = ra
+        self._session: SftpSession | None = None
+        self._base: SftpSession | None = None  # the main session it shares a transport with
+        self._slots = trio.Semaphore(BULK_SLOTS)
+        self._opening = False
+        self._retry_at = 0.0
+
+    async def session(self) -> tuple[SftpSession, trio.Semaphore]:
+        main = await self.ra.vfs.remote.session()
+        s = self._session
+        if s is not None and not s.closed and self._base is main:
+            return s, self._slots
+        if not self._opening and trio.current_time() >= self._retry_at and self.ra.nursery:
+            self._opening = True
+            self.ra.nursery.start_soon(self._open, main)
+        return main, self.ra.blocks.readahead_slots
+
+    async def _open(self, main: SftpSession) -> None:
+        try:
+            transport = main.chan.get_transport()
+            s = await SftpSession.start(transport, request_timeout=main.request_timeout,
+                                        max_inflight=BULK_SLOTS + 8)
+        except Exception as e:  # noqa: BLE001 - then prefetch shares the main session
+            log.info("no second SFTP channel for prefetching (%s); using the main one", e)
+            self._retry_at = trio.current_time() + self.RETRY_AFTER
+            return
+        finally:
+            self._opening = False
+        old, self._session, self._base = self._session, s, main
+        if old is not None:
+            old.close("replaced")
+        log.debug("prefetch channel open")
+
+    def close(self) -> None:
+        if self._session is not None:
+            self._session.close("unmounting")
+            self._session = None

@@ -1,0 +1,316 @@
+"""Write-back against a real server: fast returns, nothing lost, refusals kept.
+
+"On the server" is always judged by reading the server's directory directly,
+after `sftpfs sync` or an unmount (which flushes).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .test_meta import daemon_pid, stats
+
+
+def sync(run_sftpfs, mnt: Path) -> subprocess.CompletedProcess:
+    r = run_sftpfs("sync", mnt, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """What a user compares: type, content hash, mode, mtime (s), link target."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in sorted(dirnames + filenames):
+            p = Path(dirpath) / n
+            st = p.lstat()
+            rel = str(p.relative_to(root))
+            if p.is_symlink():
+                out[rel] = ("l", os.readlink(p))
+            elif p.is_dir():
+                out[rel] = ("d", oct(st.st_mode & 0o7777))
+            else:
+                out[rel] = ("f", hashlib.sha256(p.read_bytes()).hexdigest()[:16],
+                            oct(st.st_mode & 0o7777), int(st.st_mtime))
+    return out
+
+
+def make_source(base: Path, files: int = 300, seed: int = 1) -> Path:
+    rnd = random.Random(seed)
+    src = base / "src"
+    for i in range(files):
+        d = src / f"dir{i % 12:02d}" / ("deep" if i % 5 == 0 else "")
+        d.mkdir(parents=True, exist_ok=True)
+        f = d / f"file{i:04d}.txt"
+        f.write_bytes(rnd.randbytes(rnd.choice([0, 1, 100, 3000, 70_000])))
+        f.chmod(rnd.choice([0o644, 0o600, 0o755]))
+        t = 1_000_000_000 + rnd.randrange(10**8)
+        os.utime(f, (t, t))
+    os.symlink("dir00/file0000.txt", src / "link")
+    return src
+
+
+def test_rsync_into_mount_then_sync(sftp_server, remote_dir, mount, run_sftpfs, tmp_path):
+    src = make_source(tmp_path)
+    mnt = mount()
+    t0 = time.monotonic()
+    subprocess.run(["rsync", "-a", "--no-owner", "--no-group", f"{src}/", f"{mnt}/"], check=True)
+    returned = time.monotonic() - t0
+    assert snapshot(mnt) == snapshot(src), "the mount must show the tree at once"
+    sync(run_sftpfs, mnt)
+    assert snapshot(remote_dir) == snapshot(src)
+    # nothing left to do, and a second rsync finds nothing to send
+    out = subprocess.run(["rsync", "-ai", "--no-owner", "--no-group", f"{src}/", f"{mnt}/"],
+                         check=True, capture_output=True, text=True).stdout
+    assert out.strip() == "", out
+    assert returned < 120
+
+
+def test_atomic_save_patterns(sftp_server, remote_dir, mount, run_sftpfs):
+    mnt = mount()
+    (mnt / "doc.txt").write_bytes(b"version 1\n")
+    # an editor: write a new file, then rename it over the old one
+    (mnt / ".doc.txt.swp").write_bytes(b"version 2\n")
+    os.rename(mnt / ".doc.txt.swp", mnt / "doc.txt")
+    # git: a lock file created exclusively, written, renamed into place
+    fd = os.open(mnt / "HEAD.lock", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    os.write(fd, b"ref: refs/heads/main\n")
+    os.close(fd)
+    with pytest.raises(FileExistsError):
+        os.open(mnt / "HEAD.lock", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    os.rename(mnt / "HEAD.lock", mnt / "HEAD")
+    assert sorted(os.listdir(mnt)) == ["HEAD", "doc.txt"]
+    sync(run_sftpfs, mnt)
+    assert sorted(os.listdir(remote_dir)) == ["HEAD", "doc.txt"]
+    assert (remote_dir / "doc.txt").read_bytes() == b"version 2\n"
+    assert (remote_dir / "HEAD").read_bytes() == b"ref: refs/heads/main\n"
+
+
+def test_append_truncate_and_renames_with_pending_children(sftp_server, remote_dir, mount,
+                                                           run_sftpfs):
+    (remote_dir / "log").write_bytes(b"abc")
+    sftp_server.chown(remote_dir / "log")
+    mnt = mount()
+    with open(mnt / "log", "ab") as f:
+        f.write(b"def")
+    assert (mnt / "log").read_bytes() == b"abcdef"
+    os.makedirs(mnt / "d" / "sub")
+    (mnt / "d" / "sub" / "f").write_bytes(b"0123456789")
+    os.rename(mnt / "d", mnt / "e")
+    os.truncate(mnt / "e" / "sub" / "f", 4)
+    with open(mnt / "e" / "sub" / "f", "r+b") as f:
+        f.seek(8)
+        f.write(b"XY")  # a hole of zeros, then XY
+    expected = b"0123\0\0\0\0XY"
+    assert (mnt / "e" / "sub" / "f").read_bytes() == expected
+    assert not (mnt / "d").exists()
+    sync(run_sftpfs, mnt)
+    assert (remote_dir / "log").read_bytes() == b"abcdef"
+    assert (remote_dir / "e" / "sub" / "f").read_bytes() == expected
+    assert not (remote_dir / "d").exists()
+
+
+def test_partial_overwrite_uploads_only_what_changed(sftp_server, remote_dir, mount, run_sftpfs):
+    big = remote_dir / "big"
+    data = os.urandom(8 << 20)
+    big.write_bytes(data)
+    sftp_server.chown(big)
+    mnt = mount()
+    with open(mnt / "big", "r+b") as f:
+        f.seek(3 << 20)
+        f.write(b"patched")
+        f.seek(0)
+        assert f.read(4) == data[:4]  # unchanged parts come from the server
+    before = int(run_sftpfs("status", mnt, "--json").stdout.split('"uploaded_bytes": ')[1]
+                 .split(",")[0].split("}")[0])
+    sync(run_sftpfs, mnt)
+    after = int(run_sftpfs("status", mnt, "--json").stdout.split('"uploaded_bytes": ')[1]
+                .split(",")[0].split("}")[0])
+    assert after - before < 64 << 10, "a 7-byte change must not upload the whole file"
+    expect = bytearray(data)
+    expect[3 << 20:(3 << 20) + 7] = b"patched"
+    assert big.read_bytes() == bytes(expect)
+
+
+def test_unlink_of_open_file_and_create_delete_never_uploads(sftp_server, remote_dir, mount,
+                                                             sftpfs_env, run_sftpfs):
+    mnt = mount(opts=["writeback_delay=5"])
+    assert os.listdir(mnt) == []  # from now on, lookups of new names are answered locally
+    before = stats(mount, sftpfs_env, mnt)["requests"]
+    with open(mnt / "scratch", "w+b") as f:
+        f.write(b"temporary")
+        os.unlink(mnt / "scratch")
+        assert not (mnt / "scratch").exists()
+        f.write(b" still usable")
+        f.seek(0)
+        assert f.read() == b"temporary still usable"
+    (mnt / "brief").write_bytes(b"x" * 1000)
+    os.unlink(mnt / "brief")
+    assert stats(mount, sftpfs_env, mnt)["requests"] == before, "nothing should reach the server"
+    sync(run_sftpfs, mnt)
+    assert os.listdir(remote_dir) == []
+
+
+def test_fsync_waits_for_the_server(sftp_server, remote_dir, mount):
+    mnt = mount(opts=["writeback_delay=30"])  # without fsync nothing would move for 30 s
+    fd = os.open(mnt / "durable", os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(fd, b"on the server when fsync returns")
+    os.fsync(fd)
+    assert (remote_dir / "durable").read_bytes() == b"on the server when fsync returns"
+    os.close(fd)
+    os.makedirs(mnt / "a" / "b")
+    (mnt / "a" / "b" / "c").write_bytes(b"c")
+    dfd = os.open(mnt / "a", os.O_RDONLY | os.O_DIRECTORY)
+    os.fsync(dfd)  # what `sync a` does
+    os.close(dfd)
+    assert (remote_dir / "a" / "b" / "c").read_bytes() == b"c"
+
+
+def test_refused_writes_are_reported_and_kept(sftp_server, remote_dir, mount, small_fs,
+                                              run_sftpfs):
+    full = small_fs("1m")
+    ro = sftp_server.mkdir(f"{remote_dir.name}/readonly", 0o555)
+    mnt = mount()
+    payload = os.urandom(3 << 20)
+    fd = os.open(mnt / full.name / "big", os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(fd, payload)
+    with pytest.raises(OSError) as e:
+        os.fsync(fd)
+    assert e.value.errno == errno.ENOSPC
+    os.close(fd)
+    with pytest.raises(OSError) as e:
+        fd = os.open(mnt / ro.name / "nope", os.O_WRONLY | os.O_CREAT, 0o644)
+        os.write(fd, b"refused")
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    assert e.value.errno == errno.EACCES
+    status = run_sftpfs("status", mnt)
+    assert "big" in status.stdout and "nope" in status.stdout, status.stdout
+    kept = [Path(line.split()[-1]) for line in status.stdout.splitlines()
+            if "recovery" in line.lower() and "/" in line]
+    assert any(p.exists() and p.read_bytes() == payload for p in kept), status.stdout
+    assert not (ro / "nope").exists()
+
+
+def test_connection_drops_during_upload_then_completes(sftp_server, remote_dir, mount,
+                                                       run_sftpfs):
+    mnt = mount(opts=["timeout=5"])
+    payload = os.urandom(24 << 20)
+    (mnt / "big").write_bytes(payload)  # returns before the upload is done
+    (mnt / "small").write_bytes(b"s")
+    for _ in range(3):
+        time.sleep(0.3)
+        sftp_server.kill_sessions()
+    sync(run_sftpfs, mnt)
+    assert (remote_dir / "big").read_bytes() == payload
+    assert (remote_dir / "small").read_bytes() == b"s"
+
+
+WRITER = r'''
+import os, sys, hashlib
+mnt, log = sys.argv[1], sys.argv[2]
+with open(log, "a") as out:
+    for i in range(10_000):
+        data = os.urandom(1000 + (i * 7919) % 60_000)
+        p = os.path.join(mnt, f"f{i:05d}")
+        fd = os.open(p + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.write(fd, data)
+        os.close(fd)
+        os.rename(p + ".tmp", p)
+        # acknowledged: every syscall for this file returned
+        out.write(f"f{i:05d} {hashlib.sha256(data).hexdigest()}\n")
+        out.flush()
+'''
+
+
+def test_sigkill_loses_nothing_acknowledged(sftp_server, remote_dir, mount, sftpfs_env,
+                                            run_sftpfs, tmp_path):
+    mnt = mount(opts=["writeback_delay=1"])
+    log = tmp_path / "acknowledged"
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(mnt), str(log)],
+                              stderr=subprocess.DEVNULL)
+    time.sleep(3)
+    os.kill(daemon_pid(sftpfs_env, mnt), signal.SIGKILL)
+    writer.wait(timeout=60)  # its next syscall fails: the mount is gone
+    subprocess.run(["fusermount3", "-uz", str(mnt)], check=False)
+    acknowledged = [line.split() for line in log.read_text().splitlines()]
+    assert len(acknowledged) > 20, "the writer should have got going"
+    mnt = mount(mnt=mnt)  # replays the journal
+    sync(run_sftpfs, mnt)
+    for name, digest in acknowledged:
+        p = remote_dir / name
+        assert p.exists(), f"{name} was acknowledged but is not on the server"
+        assert hashlib.sha256(p.read_bytes()).hexdigest() == digest, f"{name} is corrupt"
+    assert not list(remote_dir.glob("*.tmp.*"))
+
+
+def test_writeback_off_is_synchronous(sftp_server, remote_dir, mount):
+    mnt = mount(opts=["writeback=off"])
+    (mnt / "now").write_bytes(b"at once")
+    os.chmod(mnt / "now", 0o600)
+    os.rename(mnt / "now", mnt / "moved")
+    assert (remote_dir / "moved").read_bytes() == b"at once"  # no sync needed
+    assert (remote_dir / "moved").stat().st_mode & 0o777 == 0o600
+
+
+def test_randomized_operations_match_a_model(sftp_server, remote_dir, mount, run_sftpfs, tmp_path):
+    """fsx-style: random operations on the mount and on a local model, with remounts."""
+    rnd = random.Random(42)
+    model = tmp_path / "model"
+    model.mkdir()
+    mnt = mount()
+    names = [f"n{i}" for i in range(6)]
+    dirs = ["", "d1", "d1/d2"]
+    for d in dirs[1:]:
+        os.makedirs(model / d)
+        os.makedirs(mnt / d)
+
+    def pick() -> str:
+        return os.path.join(rnd.choice(dirs), rnd.choice(names))
+
+    for step in range(400):
+        op = rnd.choice(["write", "write", "truncate", "rename", "unlink", "append", "chmod"])
+        a, b = pick(), pick()
+        for root in (model, mnt):
+            pa, pb = root / a, root / b
+            try:
+                if op == "write":
+                    with open(pa, "r+b" if pa.exists() else "wb") as f:
+                        f.seek(random.Random(step).randrange(0, 20_000))
+                        f.write(random.Random(step).randbytes(random.Random(step + 1).randrange(1, 9000)))
+                elif op == "append":
+                    with open(pa, "ab") as f:
+                        f.write(b"+" * (step % 50 + 1))
+                elif op == "truncate" and pa.exists():
+                    os.truncate(pa, random.Random(step).randrange(0, 30_000))
+                elif op == "rename" and pa.exists():
+                    os.rename(pa, pb)
+                elif op == "unlink" and pa.exists():
+                    os.unlink(pa)
+                elif op == "chmod" and pa.exists():
+                    os.chmod(pa, 0o600 if step % 2 else 0o644)
+            except OSError as e:
+                pytest.fail(f"step {step}: {op} {a} {b} on {root}: {e}")
+        if step % 50 == 0:
+            got, want = snapshot(mnt), snapshot(model)
+            for k in set(got) | set(want):  # mtimes differ between the two by design
+                assert got.get(k, ())[:3] == want.get(k, ())[:3], f"step {step}: {k}"
+        if step % 100 == 99:
+            mount.unmount(mnt)
+            server = {k: v[:3] for k, v in snapshot(remote_dir).items()}
+            assert server == {k: v[:3] for k, v in snapshot(model).items()}, f"step {step}"
+            mnt = mount(mnt=mnt)
+    shutil.rmtree(model)
