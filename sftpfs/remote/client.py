@@ -378,6 +378,20 @@ class RemoteFile:
         if s.has(b"fsync@openssh.com"):
             await s.fsync(h)
 
+    async def submit_finish(self, attrs: p.Attrs) -> Callable[[], Awaitable[p.Attrs]]:
+        """Set attributes, read them back and close: sent now, awaited later."""
+        s, h = await self._open()
+        self._handle = None
+        result = await s.submit_finish(h, attrs)
+
+        async def done() -> p.Attrs:
+            try:
+                return await result()
+            except SftpError as e:
+                raise await self.remote.refine_io(e, self.path) from None
+
+        return done
+
     async def close(self, *, stat: bool = False) -> p.Attrs | None:
         """Close the handle; with `stat`, return the file's final attributes too."""
         s, h = self._session, self._handle

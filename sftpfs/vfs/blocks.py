@@ -56,7 +56,8 @@ DEFAULT_CACHE_MIN = 64 * 2**20
 STATS_FILE = "stats.json"
 WARN_EVERY = 600.0
 SMALL_VALUE = 2**15  # diskcache keeps values below this inside SQLite (its disk_min_file_size)
-EPOCHS_IN_MEMORY = 100_000  # seconds between repeated warnings about the disk cache
+EPOCHS_IN_MEMORY = 100_000
+DB_NAME = "cache.db"  # diskcache's database file  # seconds between repeated warnings about the disk cache
 
 def format_size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -127,7 +128,7 @@ class Disk:
         self.size_limit = size_limit
         self._cache = None
         self._epochs = None
-        self._ino: int | None = None
+        self._ino: tuple[int, int] | None = None  # the database file we opened
         self._paused_until = 0.0
         self._last_warning = -WARN_EVERY
         self._lock = threading.Lock()
@@ -145,12 +146,14 @@ class Disk:
         assert self.directory is not None
         try:
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            os.chmod(self.directory, 0o700)
+            for d in (self.directory.parent, self.directory):  # private, also when recreated
+                if os.stat(d).st_uid == os.getuid():
+                    os.chmod(d, 0o700)
             # timeout: a busy database makes a read miss, it never makes it wait long.
             self._cache = diskcache.Cache(str(self.directory), timeout=2, size_limit=self.size_limit,
                                           eviction_policy="least-recently-used", cull_limit=2)
             self._epochs = diskcache.Index(str(self.directory / "epochs"))
-            self._ino = os.stat(self.directory).st_ino
+            self._ino = self._identity()
             return True
         except Exception as e:  # noqa: BLE001 - any failure: run without the disk tier
             self._failed("open", e)
@@ -172,20 +175,30 @@ class Disk:
         self._warn("block cache in %s unusable (%s during %s); reading from the server",
                    self.directory, why, what)
 
-    def _usable(self):
-        """The cache if it may be used now; notices a removed directory."""
+    def _identity(self) -> tuple[int, int] | None:
+        """Which database file is at our path (None: none). diskcache re-creates
+        missing directories when it writes a value, never the database itself."""
+        assert self.directory is not None
+        try:
+            st = os.stat(self.directory / DB_NAME)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def _usable(self, *, check: bool = False):
+        """The cache if it may be used now; notices a removed directory.
+
+        Reads check at most once a second; writes (`check`) every time, so no
+        value lands in a re-created directory before it is made private again.
+        """
         if self.directory is None:
             return None
         now = time.monotonic()
         if now < self._paused_until:
             return None
-        if now - self._last_check >= 1.0:
+        if check or now - self._last_check >= 1.0:
             self._last_check = now
-            try:
-                ino = os.stat(self.directory).st_ino
-            except OSError:
-                ino = None
-            if ino != self._ino or self._cache is None:
+            if self._identity() != self._ino or self._cache is None:
                 with self._lock:
                     if self._cache is not None:
                         self._warn("block cache directory %s was removed; reads go to the server "
@@ -228,7 +241,7 @@ class Disk:
         Small blocks (stored inside the database) share one transaction; large
         ones (files) get one each, so a reader never waits long for the lock.
         """
-        c = self._usable()
+        c = self._usable(check=True)
         if c is None:
             return 0
         small = [(k, d) for k, d in items if len(d) < SMALL_VALUE]
@@ -618,8 +631,9 @@ class BlockCache:
                 async with trio.open_nursery() as n:
                     for off, ln in reqs:
                         n.start_soon(one, off, ln)
-        except Exception as e:  # noqa: BLE001 - the reader retries directly and reports errors
-            log.debug("fetching %r blocks %d-%d failed: %s", v.path, first, blocks[-1][0], e)
+        except* Exception as eg:  # the reader retries directly and reports errors
+            log.debug("fetching %r blocks %d-%d failed: %s", v.path, first, blocks[-1][0],
+                      eg.exceptions[0])
         finally:
             for idx, b in blocks:
                 if idx not in done:

@@ -409,8 +409,8 @@ class DirPrefetcher:
         try:
             with w.scope:
                 await self._walk_files(w, budget)
-        except Exception as e:  # noqa: BLE001 - prefetch is an optimisation: never fatal
-            log.warning("directory prefetch stopped: %s", e, exc_info=True)
+        except* Exception as eg:  # prefetch is an optimisation: never fatal
+            log.warning("directory prefetch stopped: %s", eg.exceptions[0], exc_info=eg)
         finally:
             if w in self.walks:
                 self.walks.remove(w)

@@ -733,17 +733,22 @@ class WriteBack:
                         sent += len(piece)
                         while len(statuses) > WRITES_AHEAD:
                             first_error = await _settle(statuses.pop(0), first_error)
-            while statuses:
-                first_error = await _settle(statuses.pop(0), first_error)
-            if first_error is not None:
-                raise first_error
             ch = p.Attrs(size=size, atime=mtime, mtime=mtime)
             if create and mode is not None:
                 ch.mode = mode & 0o7777
-            await rf.fsetstat(ch)
-            attrs = await rf.fstat()
-        finally:
-            await rf.close()
+            # The last writes, the attributes and the close travel together.
+            finishing = await rf.submit_finish(ch)
+            while statuses:
+                first_error = await _settle(statuses.pop(0), first_error)
+            try:
+                attrs = await finishing()
+            except OSError as e:
+                first_error = first_error or e
+            if first_error is not None:
+                raise first_error
+        except BaseException:
+            await rf.close()  # no-op if finish already closed it
+            raise
         return sent, attrs
 
     async def _conflict(self, f: DirtyFile, path: bytes) -> bytes | None:
