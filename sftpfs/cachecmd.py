@@ -137,7 +137,7 @@ def cmd_info(base: Path, dirs: list[CacheDir]) -> int:
         total = _du(cd.path)
         print(f"\n{cd.remote}")
         print(f"  id        {cd.ident}")
-        print(f"  blocks    {format_size(size)} in {entries} entries"
+        print(f"  blocks    {format_size(size)} in {entries} {'entry' if entries == 1 else 'entries'}"
               + (f" (limit {format_size(limit)})" if limit else ""))
         print(f"  hit rate  {rate}  (read from cache {format_size(hit)}, "
               f"from the server {format_size(fetched)}; {st.get('hits', 0)} hits, "

@@ -309,3 +309,13 @@ def test_randomized_operations_match_a_model(sftp_server, remote_dir, mount, run
             assert server == {k: v[:3] for k, v in snapshot(model).items()}, f"step {step}"
             mnt = mount(mnt=mnt)
     shutil.rmtree(model)
+
+
+def test_dirty_limit_makes_writers_wait_not_fail(sftp_server, remote_dir, mount, run_sftpfs):
+    mnt = mount(opts=["dirty_limit=1M", "writeback_delay=0"])
+    payload = os.urandom(6 << 20)
+    with open(mnt / "bigger-than-the-limit", "wb") as f:
+        for off in range(0, len(payload), 1 << 20):
+            f.write(payload[off:off + (1 << 20)])  # blocks while uploads catch up
+    sync(run_sftpfs, mnt)
+    assert (remote_dir / "bigger-than-the-limit").read_bytes() == payload

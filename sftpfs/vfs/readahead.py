@@ -53,6 +53,7 @@ INITIAL_WINDOW = 512 * 1024  # read-ahead after the first sequential read
 SEQ_SLACK = 2 * 2**20  # the kernel's own read-ahead arrives a little out of order
 LOCAL_OPEN_MAX_BLOCKS = 256  # larger files always open on the server (1 RTT is nothing for them)
 SEEN_MAX = 100_000
+TOUCHED_MAX = 100_000
 
 # Directory prefetch
 WALK_INITIAL_FILES = 8
@@ -85,6 +86,7 @@ class ReadAhead:
         self.blocks = BlockCache(directory, limit)
         self.prefetcher = DirPrefetcher(self)
         self._seen: OrderedDict[bytes, Version] = OrderedDict()  # version at the last open
+        self._touched: OrderedDict[bytes, None] = OrderedDict()  # blocks read at random once
         self.nursery: trio.Nursery | None = None
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -115,6 +117,16 @@ class ReadAhead:
         if time.time() - a.mtime < RECENT or self.writing(path) or self.dirty(path) is not None:
             return None
         return Version(path, a.size, a.mtime, await self.blocks.epoch(path))
+
+    def touched_before(self, key: bytes) -> bool:
+        """Whether a random read touched this block before (and note that it has now)."""
+        if key in self._touched:
+            self._touched.move_to_end(key)
+            return True
+        self._touched[key] = None
+        if len(self._touched) > TOUCHED_MAX:
+            self._touched.popitem(last=False)
+        return False
 
     def dirty(self, path: bytes | None):
         """Local changes of `path` not yet on the server (write-back), or None."""
@@ -285,18 +297,27 @@ class Reader:
         return await f.read_direct(offset, size)
 
     async def _cached(self, v: Version, offset: int, size: int) -> bytes | None:
+        """The bytes from blocks (fetched if needed); None: read directly instead."""
         end = min(offset + size, v.size)
         bs = self.bc.block_size
         first, last = offset // bs, (end - 1) // bs
         if self.closed:
             return None
+        src, m = self._source(v), self.ra.max_read
         if v.size <= self.ra.opts.small_file:
-            self.bc.fetch(v, 0, v.nblocks() - 1, self._source(v), self.ra.max_read, demand=True,
-                          scopes=self.scopes)
-        else:
-            self.bc.fetch(v, first, last, self._source(v), self.ra.max_read, demand=True,
-                          scopes=self.scopes)
-            self._read_ahead(offset, end)
+            self.bc.fetch(v, 0, v.nblocks() - 1, src, m, demand=True, scopes=self.scopes)
+        elif self._sequential(offset, end):
+            self.bc.fetch(v, first, last, src, m, demand=True, scopes=self.scopes)
+            self._read_ahead(end)
+        elif not all(self.bc.available(v.block_key(i)) for i in range(first, last + 1)):
+            # A random read of blocks not cached. The first touch of a block reads just
+            # the bytes asked for (one small request: a whole block would cost a random
+            # reader on a fast link 10x sshfs's time); a block touched again is worth
+            # caching, and is fetched and kept.
+            keys = [v.block_key(i) for i in range(first, last + 1)]
+            if not all(self.ra.touched_before(k) for k in keys):
+                return None
+            self.bc.fetch(v, first, last, src, m, demand=True, scopes=self.scopes)
         parts = []
         for idx in range(first, last + 1):
             data = await self.bc.get(v.block_key(idx))
@@ -308,21 +329,25 @@ class Reader:
             return parts[0][lo: lo + end - offset]
         return b"".join(parts)[lo: lo + end - offset]
 
-    def _read_ahead(self, offset: int, end: int) -> None:
-        v, bs = self.version, self.bc.block_size
+    def _sequential(self, offset: int, end: int) -> bool:
+        """Track the access pattern: a read near the last one widens the window."""
         if self.next_off - SEQ_SLACK <= offset <= self.next_off + self.window:
             self.window = min(self.window * 2, self.ra.opts.readahead_max)
             self.next_off = max(self.next_off, end)
-        else:  # a jump: random access reads what it asks for, no more
-            self.window = INITIAL_WINDOW
-            self.next_off = end
-            self.ra_next = 0
-            return
+            return True
+        self.window = INITIAL_WINDOW  # a jump: random access reads what it asks for
+        self.next_off = end
+        self.ra_next = 0
+        return False
+
+    def _read_ahead(self, end: int) -> None:
+        v, bs = self.version, self.bc.block_size
         target = min(v.size, end + self.window)
         lo = max((end - 1) // bs + 1, self.ra_next)
         hi = (target - 1) // bs
         if hi >= lo and not self.closed:
-            self.bc.fetch(v, lo, hi, self._source(v), self.ra.max_read, demand=False, scopes=self.scopes)
+            self.bc.fetch(v, lo, hi, self._source(v), self.ra.max_read, demand=False,
+                          scopes=self.scopes)
             self.ra_next = hi + 1
 
     def close(self) -> None:

@@ -54,6 +54,7 @@ from .meta import MetaCache, is_below, parent_of
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20  # bytes read from a dirty file per upload step
+JOURNAL_COMPACT_AT = 64 << 20
 SCHEDULE_WINDOW = 1024  # unfinished ops looked at per scheduling pass
 WRITES_AHEAD = 32  # WRITE requests in flight per uploading file
 
@@ -184,6 +185,7 @@ class DirtyFile:
     last_write: float = 0.0
     error: OSError | None = None
     queued: Op | None = None  # its create/data op that has not started yet
+    inflight: Ranges = field(default_factory=Ranges)  # taken by a running upload
 
     def fully_dirty(self) -> bool:
         return self.new or self.ranges.covers(0, self.size) or self.size == 0
@@ -606,6 +608,8 @@ class WriteBack:
             self.ops.clear()
             self._done_count = 0
             self.journal.rewrite([])
+        elif os.fstat(self.journal.fd).st_size > JOURNAL_COMPACT_AT:
+            self._compact()  # a long busy mount: keep the journal to what is pending
         self._progress.set()
         self._wake.set()
 
@@ -692,6 +696,7 @@ class WriteBack:
             return
         path = op.paths[-1]
         taken, f.ranges = f.ranges, Ranges()
+        f.inflight = taken  # still pending as far as the journal is concerned
         size, mtime = f.size, f.mtime
         try:
             create = op.kind == "create" or f.new
@@ -705,7 +710,9 @@ class WriteBack:
         except BaseException:
             taken.update(f.ranges)
             f.ranges = taken
+            f.inflight = Ranges()
             raise
+        f.inflight = Ranges()
         self._dirty_bytes -= taken.total()
         self.uploaded_bytes += sent
         if self.owner is None and create:
@@ -895,18 +902,23 @@ class WriteBack:
             f = self.files.get(op.args.get("file", -1))
             if f is not None and op.kind in ("create", "data"):
                 f.queued = op
-        # Compact: keep exactly what is still needed.
+        self._compact()
+        if self.ops:
+            log.warning("resuming %d changes not yet on the server (%d files, %d bytes)",
+                        len(self.ops), len(self.files), self._dirty_bytes)
+
+    def _compact(self) -> None:
+        """Rewrite the journal with exactly what is still needed."""
         keep: list[dict] = []
         for f in self.files.values():
             keep.append({"f": f.id, "path": _enc(f.path), "new": f.new,
                          "base": list(f.base) if f.base else None, "size": 0})
-            keep.extend({"w": f.id, "o": s, "n": e - s} for s, e in f.ranges)
+            pending = Ranges(list(f.ranges))
+            pending.update(f.inflight)
+            keep.extend({"w": f.id, "o": s, "n": e - s} for s, e in pending)
             keep.append({"t": f.id, "s": f.size})
-        keep.extend(op.record() for op in self.ops)
+        keep.extend(op.record() for op in self.ops if op.state != "done")
         self.journal.rewrite(keep)
-        if self.ops:
-            log.warning("resuming %d changes not yet on the server (%d files, %d bytes)",
-                        len(self.ops), len(self.files), self._dirty_bytes)
 
     def overlay(self, path: bytes, server: p.Attrs | None, upto: int | None = None) -> p.Attrs | None:
         """What `path` looks like with our pending changes applied on top of the
