@@ -13,8 +13,10 @@ Three tiers, all behind one `BlockCache` per mount:
   the same block twice;
 * disk: a size-bounded LRU (diskcache) in `<cache_dir>/blocks`, persistent
   across mounts, filled by a writer task in a thread (a diskcache set costs
-  ~0.7 ms, too long for the event loop) and read in a thread too (with LRU
-  every get is a small write transaction that can wait on the writer).
+  0.7-3 ms, too long for the event loop) when fetches pause or much is
+  queued (on a fast link writing competes with the reader for the CPU), and
+  read in a thread too (with LRU every get is a small write transaction
+  that can wait on the writer).
 
 The disk tier is best effort. A removed cache directory, a full disk or a
 broken database cost one warning and send reads to the server; they never
@@ -48,6 +50,7 @@ log = logging.getLogger(__name__)
 BLOCK_SIZE = 1024 * 1024
 MEM_BYTES = 64 * 2**20  # recent blocks kept in RAM: read-ahead waits here to be read
 WRITE_QUEUE_BYTES = 96 * 2**20  # blocks waiting for the disk; beyond this, new ones are not cached
+WRITE_EAGER_BYTES = 48 * 2**20  # write while blocks still arrive once this much waits
 READAHEAD_SLOTS = 32  # READ requests in flight for read-ahead and prefetch (of 64 per session)
 DEMAND_SLOTS = 16  # READ requests in flight that a reader is waiting for
 RUN_MAX = 4 * 2**20  # one fetch run covers at most this many bytes
@@ -90,6 +93,7 @@ class Version:
     size: int
     mtime: int
     epoch: int = 0
+    persist: bool = True  # False: memory only (a version that cannot be trusted later)
     key: bytes = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -341,24 +345,46 @@ class _Block:
         self.data: bytes | None = None
 
 
-class _Slots:
-    """n units of a semaphore, released on exit (also when cancelled)."""
+class Slots:
+    """A pool of request slots; `take(n)` gets n of them at once or waits.
 
-    def __init__(self, sem: trio.Semaphore, n: int) -> None:
-        self.sem, self.n, self.got = sem, n, 0
+    Taking several units one by one from a plain semaphore deadlocks when many
+    tasks each hold some and wait for more (64 prefetches holding the OPEN
+    slot of their file, each waiting for a READ slot). Here one task at a time
+    gathers several units; single units need no turn.
+    """
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self._sem = trio.Semaphore(total)
+        self._turn = trio.Lock()
+
+    def take(self, n: int = 1) -> _Taken:
+        return _Taken(self, min(n, self.total))
+
+
+class _Taken:
+    def __init__(self, pool: Slots, n: int) -> None:
+        self.pool, self.n, self.got = pool, n, 0
 
     async def __aenter__(self) -> None:
+        sem = self.pool._sem
         try:
-            while self.got < self.n:
-                await self.sem.acquire()
-                self.got += 1
+            if self.n == 1:
+                await sem.acquire()
+                self.got = 1
+            else:
+                async with self.pool._turn:
+                    while self.got < self.n:
+                        await sem.acquire()
+                        self.got += 1
         except BaseException:
             await self.__aexit__()
             raise
 
     async def __aexit__(self, *exc: object) -> None:
         for _ in range(self.got):
-            self.sem.release()
+            self.pool._sem.release()
         self.got = 0
 
 
@@ -387,8 +413,9 @@ class BlockCache:
         self._epochs: dict[bytes, int] = {}
         self._all_epochs = False  # _epochs holds every epoch on disk: a miss means 0
         self._wake = trio.Event()
-        self.readahead_slots = trio.Semaphore(readahead_slots)
-        self.demand_slots = trio.Semaphore(demand_slots)
+        self._fetching = 0  # fetch runs going on
+        self.readahead_slots = Slots(readahead_slots)
+        self.demand_slots = Slots(demand_slots)
         self._disk_threads = trio.CapacityLimiter(4)
         self.stats = {"hits": 0, "misses": 0, "hit_bytes": 0, "fetched_bytes": 0, "dropped": 0}
         self._stats_flushed = dict(self.stats)
@@ -427,23 +454,23 @@ class BlockCache:
             return data
         return self._queued.get(key)
 
-    def available(self, key: bytes) -> bool:
-        """In memory, in flight or on disk (no data is read)."""
+    def available(self, key: bytes, disk: bool = True) -> bool:
+        """In memory, in flight or (if `disk`) on disk; no data is read."""
         if key in self._mem or key in self._queued or key in self._inflight:
             return True
-        return self.disk.enabled and self.disk.contains(key)
+        return disk and self.disk.enabled and self.disk.contains(key)
 
     def inflight(self, key: bytes) -> _Block | None:
         return self._inflight.get(key)
 
-    async def get(self, key: bytes) -> bytes | None:
-        """The block from memory, a fetch in flight, or disk; None if nowhere."""
+    async def get(self, key: bytes, disk: bool = True) -> bytes | None:
+        """The block from memory, a fetch in flight, or (if `disk`) disk; None if nowhere."""
         data = self.peek(key)
         if data is not None:
             return data
         b = self._inflight.get(key)
         if b is None:
-            if not self.disk.enabled:
+            if not disk or not self.disk.enabled:
                 return None
             b = self.begin(key)
             assert b is not None
@@ -487,10 +514,10 @@ class BlockCache:
             _k, d = self._mem.popitem(last=False)
             self._mem_used -= len(d)
 
-    def put(self, key: bytes, data: bytes) -> None:
+    def put(self, key: bytes, data: bytes, persist: bool = True) -> None:
         """A block fetched from the server: keep it in memory, queue it for disk."""
         self._remember(key, data)
-        if not self.disk.enabled or key in self._queued:
+        if not persist or not self.disk.enabled or key in self._queued:
             return
         if self._queued_bytes + len(data) > WRITE_QUEUE_BYTES:
             self.stats["dropped"] += 1  # the disk cannot keep up: never slow reads for it
@@ -507,10 +534,10 @@ class BlockCache:
         b = self._inflight[key] = _Block()
         return b
 
-    def complete(self, key: bytes, b: _Block, data: bytes) -> None:
+    def complete(self, key: bytes, b: _Block, data: bytes, persist: bool = True) -> None:
         self.stats["misses"] += 1
         self.stats["fetched_bytes"] += len(data)
-        self.put(key, data)
+        self.put(key, data, persist)
         b.data = data
         if self._inflight.get(key) is b:
             del self._inflight[key]
@@ -575,7 +602,7 @@ class BlockCache:
             if key in self._mem or key in self._queued or key in self._inflight:
                 flush()
                 continue
-            if self.disk.enabled and self.disk.contains(key):
+            if v.persist and self.disk.enabled and self.disk.contains(key):
                 flush()
                 self._preload(key)
                 continue
@@ -616,7 +643,7 @@ class BlockCache:
         done: set[int] = set()
 
         async def one(off: int, n: int) -> None:
-            async with _Slots(slots, 1):
+            async with slots.take(1):
                 got = 0
                 while got < n:
                     data = await read(off + got, n - got)
@@ -628,9 +655,11 @@ class BlockCache:
                 waiting[idx] -= 1
                 if waiting[idx] == 0:
                     lo = idx * bs - start
-                    self.complete(v.block_key(idx), byidx[idx], bytes(buf[lo: lo + v.block_len(idx, bs)]))
+                    self.complete(v.block_key(idx), byidx[idx],
+                                  bytes(buf[lo: lo + v.block_len(idx, bs)]), v.persist)
                     done.add(idx)
 
+        self._fetching += 1
         try:
             with scope:
                 async with trio.open_nursery() as n:
@@ -640,6 +669,7 @@ class BlockCache:
             log.debug("fetching %r blocks %d-%d failed: %s", v.path, first, blocks[-1][0],
                       eg.exceptions[0])
         finally:
+            self._fetching -= 1
             for idx, b in blocks:
                 if idx not in done:
                     self.fail(v.block_key(idx), b)
@@ -652,6 +682,10 @@ class BlockCache:
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
+            # While blocks are arriving, writing them competes with the reader for the
+            # CPU: wait for a pause, unless much is queued already.
+            while self._fetching and self._queued_bytes < WRITE_EAGER_BYTES:
+                await trio.sleep(0.05)
             await self._write_some()
 
     async def _write_some(self) -> None:

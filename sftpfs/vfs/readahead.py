@@ -38,7 +38,7 @@ import trio
 
 from ..remote import protocol as p
 from ..remote.sftp import SftpSession
-from .blocks import BlockCache, BlockUnavailable, Version, _Slots, default_cache_size
+from .blocks import BlockCache, BlockUnavailable, Slots, Version, default_cache_size
 from .files import OpenFile
 from .meta import join, name_of, parent_of
 
@@ -191,6 +191,11 @@ class ReadAhead:
         v = await self.version(f.path, a)
         if v is None:
             self._seen.pop(f.path, None)
+            if a.size is not None and a.mtime is not None and a.is_reg and not self.writing(f.path):
+                # Not trusted past this open (e.g. modified just now): read ahead all the
+                # same, into memory only, under a version no other open shares.
+                f.reader = Reader(self, f, Version(f.path, a.size, a.mtime, -time.time_ns(),
+                                                   persist=False), local=False)
         else:
             self._attach(f, v, local=False)
         self.prefetcher.opened(f.path, a)
@@ -309,7 +314,7 @@ class Reader:
         elif self._sequential(offset, end):
             self.bc.fetch(v, first, last, src, m, demand=True, scopes=self.scopes)
             self._read_ahead(end)
-        elif not all(self.bc.available(v.block_key(i)) for i in range(first, last + 1)):
+        elif not all(self.bc.available(v.block_key(i), v.persist) for i in range(first, last + 1)):
             # A random read of blocks not cached. The first touch of a block reads just
             # the bytes asked for (one small request: a whole block would cost a random
             # reader on a fast link 10x sshfs's time); a block touched again is worth
@@ -320,7 +325,7 @@ class Reader:
             self.bc.fetch(v, first, last, src, m, demand=True, scopes=self.scopes)
         parts = []
         for idx in range(first, last + 1):
-            data = await self.bc.get(v.block_key(idx))
+            data = await self.bc.get(v.block_key(idx), v.persist)
             if data is None or len(data) != v.block_len(idx, bs):
                 return None
             parts.append(data)
@@ -544,12 +549,12 @@ class DirPrefetcher:
         """
         s, slots = await self.bulk.session()
         with trio.CancelScope(shield=True):
-            async with _Slots(slots, 1):
+            async with slots.take(1):
                 h = await s.open(self.ra.vfs.rpath(path), p.FXF_READ)
             m = self.ra.max_read
             reads = [(p.FXP_READ, p.string(h), p.u64(off), p.u32(min(m, size + 1 - off)))
                      for off in range(0, size + 1, m)]
-            async with _Slots(slots, len(reads) + 1):
+            async with slots.take(len(reads) + 1):
                 replies = await s.pipeline(*reads, (p.FXP_CLOSE, p.string(h)))
         out = []
         for rtype, r in replies[:-1]:
@@ -579,11 +584,11 @@ class BulkChannel:
         self.ra = ra
         self._session: SftpSession | None = None
         self._base: SftpSession | None = None  # the main session it shares a transport with
-        self._slots = trio.Semaphore(BULK_SLOTS)
+        self._slots = Slots(BULK_SLOTS)
         self._opening = False
         self._retry_at = 0.0
 
-    async def session(self) -> tuple[SftpSession, trio.Semaphore]:
+    async def session(self) -> tuple[SftpSession, Slots]:
         main = await self.ra.vfs.remote.session()
         s = self._session
         if s is not None and not s.closed and self._base is main:

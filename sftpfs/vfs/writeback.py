@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20  # bytes read from a dirty file per upload step
 JOURNAL_COMPACT_AT = 64 << 20
+EAGER_BYTES = 4 << 20  # dirty bytes of one file that start its upload without waiting
 SCHEDULE_WINDOW = 1024  # unfinished ops looked at per scheduling pass
 WRITES_AHEAD = 32  # WRITE requests in flight per uploading file
 
@@ -349,6 +350,11 @@ class WriteBack:
         f.mtime = int(time.time())
         f.last_write = trio.current_time()
         self._queue_data(f)
+        if f.queued is not None and f.queued.state == "pending" and \
+                f.ranges.total() >= EAGER_BYTES and f.queued.ready_at > 0:
+            # A big file streams to the server while it is being written.
+            f.queued.ready_at = 0.0
+            self._wake.set()
 
     def truncate(self, f: DirtyFile, size: int) -> None:
         os.ftruncate(f.fd, size)
