@@ -590,7 +590,7 @@ async def test_recent_file_reads_ahead_into_memory_only(tmp_path):
 
 
 async def test_slots_taken_several_at_a_time_do_not_deadlock():
-    from sftpfs.vfs.blocks import Slots
+    from sftpfs.slots import Slots
 
     pool = Slots(4)
     done = []

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Iterable
 import paramiko
 import trio
 
+from ..slots import Slots
 from . import protocol as p
 from .errors import ConnectionLost, RequestTimeout, SftpError
 
@@ -42,27 +43,6 @@ class _Waiter:
         self.error: BaseException | None = None
 
 
-class _Slots:
-    """Acquire n units of a semaphore (requests in flight) and give them back."""
-
-    def __init__(self, sem: trio.Semaphore, n: int) -> None:
-        self.sem, self.n, self.got = sem, n, 0
-
-    async def __aenter__(self) -> None:
-        try:
-            while self.got < self.n:
-                await self.sem.acquire()
-                self.got += 1
-        except BaseException:
-            await self.__aexit__()
-            raise
-
-    async def __aexit__(self, *exc: object) -> None:
-        for _ in range(self.got):
-            self.sem.release()
-        self.got = 0
-
-
 class SftpSession:
     """One SFTP channel. Create with `await SftpSession.start(transport)`."""
 
@@ -79,7 +59,7 @@ class SftpSession:
         self._ids = itertools.count(1)
         self.sent = 0  # requests sent, for stats
         self._pending: dict[int, _Waiter] = {}
-        self._slots = trio.Semaphore(max_inflight)
+        self._slots = Slots(max_inflight)
         self._sendq: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._token = trio.lowlevel.current_trio_token()
         self._last_rx = trio.current_time()
@@ -219,7 +199,7 @@ class SftpSession:
         of the same path creates and stats a file in one round trip.
         """
         waiters: list[tuple[int, _Waiter]] = []
-        async with _Slots(self._slots, len(requests)):
+        async with self._slots.take(len(requests)):
             if self.closed:
                 raise ConnectionLost(f"SFTP connection lost: {self.close_reason}")
             for ptype, *fields in requests:
@@ -249,9 +229,10 @@ class SftpSession:
         Writes use this: the request is on the wire before the syscall
         returns, so a later read or write of the same file cannot overtake it.
         """
-        await self._slots.acquire()
+        slot = self._slots.take(1)
+        await slot.__aenter__()
         if self.closed:
-            self._slots.release()
+            await slot.__aexit__()
             raise ConnectionLost(f"SFTP connection lost: {self.close_reason}")
         rid = next(self._ids) & 0xFFFFFFFF
         w = _Waiter()
@@ -264,7 +245,7 @@ class SftpSession:
                 await self._wait(w)
             finally:
                 self._pending.pop(rid, None)
-                self._slots.release()
+                await slot.__aexit__()
             if w.error is not None:
                 raise w.error
             assert w.body is not None

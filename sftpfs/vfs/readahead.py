@@ -38,7 +38,8 @@ import trio
 
 from ..remote import protocol as p
 from ..remote.sftp import SftpSession
-from .blocks import BlockCache, BlockUnavailable, Slots, Version, default_cache_size
+from ..slots import Slots
+from .blocks import BlockCache, BlockUnavailable, Version, default_cache_size
 from .files import OpenFile
 from .meta import join, name_of, parent_of
 

@@ -507,9 +507,15 @@ class WriteBack:
             "pending_bytes": sum(f.ranges.total() for f in self.files.values() if f.id in files),
             "uploaded_bytes": self.uploaded_bytes,
             "failures": list(self.failures),
-            "recovery": sorted(str(x) for x in (self.dir / "recovery").iterdir()),
+            "recovery": self._recovery_files(),
             "connected": self.remote.connected,
         }
+
+    def _recovery_files(self) -> list[str]:
+        try:
+            return sorted(str(x) for x in (self.dir / "recovery").iterdir())
+        except OSError:  # the cache directory was removed under us
+            return []
 
     # ---- the uploader -------------------------------------------------------------------
 
@@ -548,7 +554,7 @@ class WriteBack:
             blocked = any(q in busy or q in busy_above or self._ancestor_in(q, busy)
                           for q in op.paths)
             if op.state == "pending" and not blocked and self._running < self.parallel:
-                if op.ready_at <= now or self._urgent or self._file_closed(op):
+                if op.ready_at <= now or self._urgent:
                     op.state = "running"
                     self._running += 1
                     nursery.start_soon(self._execute, op)
@@ -573,11 +579,6 @@ class WriteBack:
                 return True
             a = parent_of(a)
         return False
-
-    def _file_closed(self, op: Op) -> bool:
-        """A closed file need not wait for the quiet period: nobody is writing it."""
-        f = self.files.get(op.args.get("file", -1))
-        return f is not None and f.opens == 0 and op.kind in ("create", "data")
 
     async def _execute(self, op: Op) -> None:
         log.debug("write-back: %s %r", op.kind, op.paths)
