@@ -1,0 +1,158 @@
+"""Checks of a workload's answer against the server's directory, read directly as root.
+
+A fast wrong answer is not a result: the benchmark never trusts the system under
+test to say whether it is right, and never reads the server through it.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+FIND_FORMAT = "%y %m %s %T@ %P\\n"  # type, mode, size, mtime, name relative to the start
+MAX_PROBLEMS = 5
+
+
+def parse_find(text: str) -> dict[str, tuple[str, str, int, int]]:
+    """name -> (type, mode, size, whole-second mtime) from FIND_FORMAT output."""
+    out = {}
+    for line in text.splitlines():
+        kind, mode, size, mtime, name = line.split(" ", 4)
+        out[name] = (kind, mode, int(size), int(float(mtime)))
+    return out
+
+
+def find_listing(root: Path) -> str:
+    return subprocess.run(["find", str(root), "-printf", FIND_FORMAT], capture_output=True,
+                          text=True, check=True).stdout
+
+
+def compare_find(got: str, ref: str) -> list[str]:
+    """Names, types, modes and file sizes must match exactly; mtimes to the second
+    (directory sizes differ between file systems and say nothing)."""
+    g, r = parse_find(got), parse_find(ref)
+    problems = [f"missing {n!r}" for n in sorted(r.keys() - g.keys())]
+    problems += [f"extra {n!r}" for n in sorted(g.keys() - r.keys())]
+    for name in sorted(r.keys() & g.keys()):
+        (gk, gm, gs, gt), (rk, rm, rs, rt) = g[name], r[name]
+        what = []
+        if gk != rk:
+            what.append(f"type {gk} != {rk}")
+        if gm != rm:
+            what.append(f"mode {gm} != {rm}")
+        if rk == "f" and gs != rs:
+            what.append(f"size {gs} != {rs}")
+        if gt != rt:
+            what.append(f"mtime {gt} != {rt}")
+        if what:
+            problems.append(f"{name or '.'}: {', '.join(what)}")
+    return summarize(problems)
+
+
+def summarize(problems: list[str]) -> list[str]:
+    if len(problems) > MAX_PROBLEMS:
+        return problems[:MAX_PROBLEMS] + [f"... and {len(problems) - MAX_PROBLEMS} more"]
+    return problems
+
+
+class TreeComparer:
+    """Compares a destination tree with a source tree, as rsync -rlt should leave it:
+    same names and types, same file contents, same mtimes to the second (files and
+    directories; directory mtimes can be left out, to tell "the data is there" from
+    "everything is right"). Modes are not compared: rsync -rlt does not preserve them.
+
+    Polled repeatedly while a system uploads in the background, so file contents
+    already found equal are not read again while their (size, mtime, ctime, inode)
+    on the destination stay the same.
+    """
+
+    def __init__(self, src: Path, dst: Path, mtimes: bool = True):
+        self.src, self.dst, self.mtimes = Path(src), Path(dst), mtimes
+        self._equal: dict[str, tuple] = {}
+
+    def problems(self, contents: bool = True, dir_mtimes: bool = True) -> list[str]:
+        out: list[str] = []
+        if not self.dst.is_dir():
+            return [f"{self.dst} does not exist"]
+        for dirpath, dirnames, filenames in os.walk(self.src):
+            rel_dir = os.path.relpath(dirpath, self.src)
+            rel_dir = "" if rel_dir == "." else rel_dir
+            dst_dir = self.dst / rel_dir
+            try:
+                present = set(os.listdir(dst_dir))
+            except OSError as e:
+                out.append(f"{rel_dir or '.'}: {e.strerror}")
+                dirnames[:] = []
+                continue
+            wanted = set(dirnames) | set(filenames)
+            out += [f"extra {os.path.join(rel_dir, n)!r}" for n in sorted(present - wanted)]
+            out += [f"missing {os.path.join(rel_dir, n)!r}" for n in sorted(wanted - present)]
+            if self.mtimes and dir_mtimes:
+                out += self._mtime(Path(dirpath), dst_dir, rel_dir or ".")
+            for name in sorted(set(filenames) & present):
+                rel = os.path.join(rel_dir, name)
+                out += self._file(Path(dirpath) / name, dst_dir / name, rel, contents)
+            dirnames[:] = [d for d in dirnames if d in present]
+            if len(out) > 200:
+                break
+        return summarize(out)
+
+    def _mtime(self, s: Path, d: Path, rel: str) -> list[str]:
+        sm, dm = int(s.stat().st_mtime), int(d.lstat().st_mtime)
+        return [] if sm == dm else [f"{rel}: mtime {dm} != {sm}"]
+
+    def _file(self, s: Path, d: Path, rel: str, contents: bool) -> list[str]:
+        st_s, st_d = s.lstat(), d.lstat()
+        if not stat.S_ISREG(st_d.st_mode):
+            return [f"{rel}: not a regular file"]
+        if st_s.st_size != st_d.st_size:
+            return [f"{rel}: size {st_d.st_size} != {st_s.st_size}"]
+        out = self._mtime(s, d, rel) if self.mtimes else []
+        if contents:
+            key = (st_d.st_size, st_d.st_mtime_ns, st_d.st_ctime_ns, st_d.st_ino)
+            if self._equal.get(rel) != key:
+                if same_bytes(s, d):
+                    self._equal[rel] = key
+                else:
+                    out.append(f"{rel}: contents differ")
+        return out
+
+    def equal(self, dir_mtimes: bool = True) -> bool:
+        """Cheap metadata pass first; contents only once the metadata agrees."""
+        return not self.problems(False, dir_mtimes) and not self.problems(True, dir_mtimes)
+
+
+def same_bytes(a: Path, b: Path) -> bool:
+    """Byte comparison without filecmp's cache, which trusts (size, mtime) and
+    would hide a file rewritten in place with its mtime set back."""
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(1 << 20), fb.read(1 << 20)
+            if x != y:
+                return False
+            if not x:
+                return True
+
+
+def files_equal(a: Path, b: Path) -> bool:
+    try:
+        return a.stat().st_size == b.stat().st_size and same_bytes(a, b)
+    except OSError:
+        return False
+
+
+def poll(cond, deadline: float, interval: float = 0.05) -> float | None:
+    """Monotonic time at which cond() first held, or None if it did not by deadline.
+    A costly check (walking a big tree) is spaced out so that the harness takes at
+    most a fifth of a core from the system it measures."""
+    while True:
+        t0 = time.monotonic()
+        if cond():
+            return time.monotonic()
+        now = time.monotonic()
+        if now >= deadline:
+            return None
+        time.sleep(min(max(interval, 4 * (now - t0)), max(0.0, deadline - now)))
