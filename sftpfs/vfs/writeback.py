@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 CHUNK = 1 << 20  # bytes read from a dirty file per upload step
 JOURNAL_COMPACT_AT = 64 << 20
 EAGER_BYTES = 4 << 20  # dirty bytes of one file that start its upload without waiting
-SCHEDULE_WINDOW = 1024  # unfinished ops looked at per scheduling pass
+SCHEDULE_WINDOW = 384  # unfinished ops looked at per scheduling pass (parallel is 48)
 WRITES_AHEAD = 32  # WRITE requests in flight per uploading file
 
 
@@ -187,6 +187,7 @@ class DirtyFile:
     error: OSError | None = None
     queued: Op | None = None  # its create/data op that has not started yet
     inflight: Ranges = field(default_factory=Ranges)  # taken by a running upload
+    unfinished: int = 0  # ops naming this file that have not finished
 
     def fully_dirty(self) -> bool:
         return self.new or self.ranges.covers(0, self.size) or self.size == 0
@@ -252,6 +253,7 @@ class WriteBack:
         self.failures: list[dict] = []
         self.errors: dict[bytes, OSError] = {}  # by local path, returned at next flush/fsync
         self._path_ops: dict[bytes, int] = {}  # unfinished ops per path: pins live while > 0
+        self._last_op: dict[bytes, Op] = {}  # the newest unfinished op naming each path
         self._done_count = 0
         self._seq = 0
         self._next_file = 1
@@ -275,7 +277,11 @@ class WriteBack:
 
     def _track(self, op: Op) -> None:
         self.ops.append(op)
+        f = self.files.get(op.args.get("file", -1))
+        if f is not None:
+            f.unfinished += 1
         for path in op.paths:
+            self._last_op[path] = op
             self._path_ops[path] = self._path_ops.get(path, 0) + 1
             if op.kind in ("unlink", "rmdir") or (op.kind == "rename" and path == op.paths[0]):
                 self.meta.pin_absent(path)
@@ -286,7 +292,12 @@ class WriteBack:
         """`op` is finished (done or failed): release what it held."""
         op.state = "done"
         self._done_count += 1
+        f = self.files.get(op.args.get("file", -1))
+        if f is not None:
+            f.unfinished -= 1
         for path in op.paths:
+            if self._last_op.get(path) is op:
+                del self._last_op[path]
             n = self._path_ops.get(path, 1) - 1
             if n <= 0:
                 self._path_ops.pop(path, None)
@@ -378,8 +389,29 @@ class WriteBack:
                 if getattr(changes, k) is not None}
         f = self.by_path.get(path)
         if f is not None and changes.mtime is not None:
-            f.mtime = changes.mtime
-        self._op("setattr", (path,), follow=follow, **args)
+            f.mtime = changes.mtime  # an upload sets the server's mtime to this
+        if not self._fold(path, args, follow):
+            self._op("setattr", (path,), follow=follow, **args)
+
+    def _fold(self, path: bytes, args: dict, follow: bool) -> bool:
+        """Merge attribute changes into the path's newest op if it has not started.
+
+        rsync and cp -p follow every file with utimes and chmod: folded into the
+        pending upload (whose final FSETSTAT sets mode and times anyway) they
+        cost no request of their own.
+        """
+        last = self._last_op.get(path)
+        if last is None or last.state != "pending" or last.paths != (path,):
+            return False
+        if last.kind == "create" and "uid" not in args and "gid" not in args:
+            fold = {k: v for k, v in args.items() if k in ("mode", "atime", "mtime")}
+        elif last.kind == "setattr" and last.args.get("follow", True) == follow:
+            fold = args
+        else:
+            return False
+        last.args.update(fold)
+        self.journal.append({"amend": last.seq, "args": fold})
+        return True
 
     def rename(self, old: bytes, new: bytes, noreplace: bool) -> None:
         self._op("rename", (old, new), noreplace=noreplace)
@@ -438,7 +470,7 @@ class WriteBack:
                 self._wake.set()  # a closed file uploads without waiting for quiet
 
     def _file_busy(self, f: DirtyFile) -> bool:
-        return any(o.state != "done" and o.args.get("file") == f.id for o in self.ops)
+        return f.unfinished > 0
 
     # ---- reading through dirty state --------------------------------------------------
 
@@ -534,7 +566,7 @@ class WriteBack:
                 with trio.move_on_after(timeout):
                     await self._wake.wait()
                 if self._running:
-                    await trio.sleep(0.002)  # let completions gather: one pass for many
+                    await trio.sleep(0.005)  # let completions gather: one pass for many
 
     def _schedule(self, nursery: trio.Nursery) -> float | None:
         """Start every op whose turn it is; return when the next one becomes ready."""
@@ -704,7 +736,7 @@ class WriteBack:
         path = op.paths[-1]
         taken, f.ranges = f.ranges, Ranges()
         f.inflight = taken  # still pending as far as the journal is concerned
-        size, mtime = f.size, f.mtime
+        size, mtime = f.size, op.args.get("mtime", f.mtime)
         try:
             create = op.kind == "create" or f.new
             if not create:
@@ -877,6 +909,10 @@ class WriteBack:
                     f.ranges.add(f.size, r["s"])
                 f.ranges.clip(r["s"])
                 f.size = r["s"]
+            elif "amend" in r:
+                for op in self.ops:
+                    if op.seq == r["amend"]:
+                        op.args.update(r["args"])
             elif "op" in r:
                 self._seq = max(self._seq, r["seq"])
                 paths = tuple(_dec(x) for x in r["paths"])
