@@ -201,23 +201,19 @@ class Vfs:
         return a
 
     async def unlink(self, path: bytes) -> None:
-        if self.deferred is not None:
-            self._check_write()
-            await self.deferred.unlink(path)
-            self._gone(path)
-            return
         self._check_write()
-        await self.remote.remove(self.rpath(path))
+        if self.deferred is not None:
+            await self.deferred.unlink(path)
+        else:
+            await self.remote.remove(self.rpath(path))
         self._gone(path)
 
     async def rmdir(self, path: bytes) -> None:
-        if self.deferred is not None:
-            self._check_write()
-            await self.deferred.rmdir(path)
-            self._gone(path)
-            return
         self._check_write()
-        await self.remote.rmdir(self.rpath(path))
+        if self.deferred is not None:
+            await self.deferred.rmdir(path)
+        else:
+            await self.remote.rmdir(self.rpath(path))
         self._gone(path)
 
     async def rename(self, old: bytes, new: bytes, *, noreplace: bool = False) -> None:
