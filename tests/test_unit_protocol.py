@@ -64,3 +64,24 @@ def test_status_errno(status, code):
     assert e.errno == code
     refined = e.with_errno(errno.ENOSPC)
     assert refined.errno == errno.ENOSPC and "space" in refined.strerror
+
+
+def test_split_packets_any_cut() -> None:
+    """Replies cut at every possible byte across two reads come out whole and in order."""
+    bodies = [b"\x65" + bytes(range(i % 7)) * 30 for i in range(5)] + [b"", b"x" * 300]
+    wire = b"".join(len(b).to_bytes(4, "big") + b for b in bodies)
+    for cut in range(len(wire) + 1):
+        got, rest = p.split_packets(b"", wire[:cut])
+        more, rest = p.split_packets(rest, wire[cut:])
+        assert [bytes(x) for x in got + more] == bodies
+        assert rest == b""
+
+
+def test_split_packets_byte_by_byte() -> None:
+    bodies = [b"abc", b"", b"defgh"]
+    wire = b"".join(len(b).to_bytes(4, "big") + b for b in bodies)
+    out, rest = [], b""
+    for i in range(len(wire)):
+        got, rest = p.split_packets(rest, wire[i : i + 1])
+        out += [bytes(x) for x in got]
+    assert out == bodies and rest == b""

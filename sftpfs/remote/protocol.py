@@ -113,6 +113,35 @@ class Attrs:
         return _U32.pack(flags) + b"".join(out)
 
 
+def split_packets(rest: bytes, data: bytes) -> tuple[list[memoryview], bytes]:
+    """Cut length-prefixed packets out of `rest + data`: (payloads, new rest).
+
+    Payloads are views into `data` where they lie wholly inside it, so a big
+    READ reply is not copied here; only a packet split across two reads is.
+    """
+    out: list[memoryview] = []
+    pos, end = 0, len(data)
+    if rest:
+        if len(rest) < 4:
+            pos = min(4 - len(rest), end)
+            rest += data[:pos]
+            if len(rest) < 4:
+                return out, rest
+        need = 4 + int.from_bytes(rest[:4], "big") - len(rest)
+        if end - pos < need:
+            return out, rest + data[pos:]
+        out.append(memoryview(rest + data[pos : pos + need])[4:])
+        pos += need
+    view = memoryview(data)
+    while end - pos >= 4:
+        n = int.from_bytes(view[pos : pos + 4], "big")
+        if end - pos - 4 < n:
+            break
+        out.append(view[pos + 4 : pos + 4 + n])
+        pos += 4 + n
+    return out, (data[pos:] if pos < end else b"")
+
+
 class Reader:
     """Sequential decoder over one packet's payload."""
 

@@ -39,7 +39,7 @@ class _Waiter:
 
     def __init__(self) -> None:
         self.event = trio.Event()
-        self.body: bytes | None = None
+        self.body: memoryview | None = None
         self.error: BaseException | None = None
 
 
@@ -110,7 +110,7 @@ class SftpSession:
         paramiko marks a pipe readable whenever the channel has data, so trio
         waits on it like any socket: no thread hand-off per reply.
         """
-        buf = bytearray()
+        rest = b""  # the start of a packet whose end has not arrived yet
         reason = "server closed the SFTP channel"
         fd = self.chan.fileno()
         try:
@@ -120,18 +120,14 @@ class SftpSession:
                     if self.chan.closed or self.chan.eof_received:
                         break
                     continue
-                data = self.chan.recv(1 << 20)  # data is ready: this does not block
+                # Take everything buffered: paramiko's pipe copies what stays behind
+                # on every partial read, which made big reads quadratic.
+                data = self.chan.recv(WINDOW_SIZE)  # data is ready: this does not block
                 if not data:
                     break
-                buf += data
-                pos = 0
-                while len(buf) - pos >= 4:
-                    n = int.from_bytes(buf[pos : pos + 4], "big")
-                    if len(buf) - pos - 4 < n:
-                        break
-                    self._deliver(bytes(buf[pos + 4 : pos + 4 + n]))
-                    pos += 4 + n
-                del buf[:pos]
+                packets, rest = p.split_packets(rest, data)
+                for body in packets:
+                    self._deliver(body)
         except Exception as e:  # noqa: BLE001 - any transport failure ends the session
             reason = f"SFTP channel failed: {e}"
         self.close(reason)
@@ -172,7 +168,7 @@ class SftpSession:
 
     # ---- trio side -------------------------------------------------------------
 
-    def _deliver(self, body: bytes) -> None:
+    def _deliver(self, body: memoryview) -> None:
         self._last_rx = trio.current_time()
         if len(body) < 5:
             return
@@ -202,13 +198,16 @@ class SftpSession:
         async with self._slots.take(len(requests)):
             if self.closed:
                 raise ConnectionLost(f"SFTP connection lost: {self.close_reason}")
+            packets = []
             for ptype, *fields in requests:
                 rid = next(self._ids) & 0xFFFFFFFF
                 w = _Waiter()
                 self._pending[rid] = w
                 self.sent += 1
                 waiters.append((rid, w))
-                self._send(p.packet(ptype, rid, *fields))
+                packets.append(p.packet(ptype, rid, *fields))
+            # One send: the requests share SSH packets (one encryption, one syscall).
+            self._send(b"".join(packets))
             try:
                 for _rid, w in waiters:
                     await self._wait(w)

@@ -592,6 +592,7 @@ class BlockCache:
         start = first * bs
         end = min((blocks[-1][0] + 1) * bs, v.size)
         buf = bytearray(end - start)
+        view = memoryview(buf)
         waiting = {idx: 0 for idx, _b in blocks}
         byidx = dict(blocks)
         reqs = [(off, min(max_read, end - off)) for off in range(start, end, max_read)]
@@ -608,14 +609,14 @@ class BlockCache:
                     data = await read(off + got, n - got)
                     if not data:
                         raise BlockUnavailable(f"end of file at {off + got}, expected {v.size}")
-                    buf[off - start + got: off - start + got + len(data)] = data
+                    view[off - start + got: off - start + got + len(data)] = data
                     got += len(data)
             for idx in range(off // bs, (off + n - 1) // bs + 1):
                 waiting[idx] -= 1
                 if waiting[idx] == 0:
                     lo = idx * bs - start
                     self.complete(v.block_key(idx), byidx[idx],
-                                  bytes(buf[lo: lo + v.block_len(idx, bs)]), v.persist)
+                                  bytes(view[lo: lo + v.block_len(idx, bs)]), v.persist)
                     done.add(idx)
 
         self._fetching += 1
