@@ -107,3 +107,14 @@ def test_single_misses_are_remembered_until_created():
     m.put_absent(b"d/y")
     clock.t = 6
     assert not m.absent(b"d/y")
+
+
+def test_the_root_is_no_entry_of_its_own_listing():
+    """The root's own attributes (a stat of the mount point) never show up as a
+    nameless entry of the root listing: the kernel fails the whole listing with EIO."""
+    m = MetaCache(10)
+    m.put_listing(b"", [(b"a", Attrs(size=1, mode=0o100644))])
+    m.put_local(b"", Attrs(size=4096, mode=0o040755))
+    m.pin(b"")
+    m.put_absent(b"")
+    assert [n for n, _a in m.listing(b"")] == [b"a"]

@@ -97,6 +97,10 @@ class MetaCache:
 
     # ---- change counter ----------------------------------------------------------
 
+    def _parent_listing(self, path: bytes) -> tuple[set[bytes], float] | None:
+        """The listing `path` is a name in; the root is in none (its parent_of is itself)."""
+        return self._dirs.get(parent_of(path)) if path else None
+
     def mark(self) -> int:
         """A point in time for `put_attrs_if_unchanged` and `put_listing(since=)`."""
         return self._tick
@@ -140,7 +144,7 @@ class MetaCache:
         miss = self._missing.get(path)
         if miss is not None and self._young(miss, max_age):
             return True
-        hit = self._dirs.get(parent_of(path))
+        hit = self._parent_listing(path)
         return hit is not None and self._young(hit[1], max_age) and name_of(path) not in hit[0]
 
     def listed(self, path: bytes, max_age: float | None = None) -> bool:
@@ -170,7 +174,7 @@ class MetaCache:
             mine = self._attrs.get(p) if p in self._pinned else None
             out[name] = mine[0] if mine else a
         for p in self._pinned:
-            if parent_of(p) == path and p in self._attrs:
+            if p and parent_of(p) == path and p in self._attrs:  # the root is no one's child
                 out[name_of(p)] = self._attrs[p][0]
         return sorted(out.items())
 
@@ -186,7 +190,7 @@ class MetaCache:
             return
         self._missing.pop(path, None)
         self._attrs[path] = (attrs, self.clock())
-        hit = self._dirs.get(parent_of(path))
+        hit = self._parent_listing(path)
         if hit is not None:
             hit[0].add(name_of(path))  # found after the listing was made
         self._bump(path)
@@ -241,7 +245,7 @@ class MetaCache:
         if path in self._pinned:
             return
         self._drop_tree(path)
-        hit = self._dirs.get(parent_of(path))
+        hit = self._parent_listing(path)
         if hit is not None:
             hit[0].discard(name_of(path))
         elif path:
@@ -262,7 +266,7 @@ class MetaCache:
         """Our own knowledge of an existing path's attributes (pins do not apply)."""
         self._missing.pop(path, None)
         self._attrs[path] = (attrs, self.clock())
-        hit = self._dirs.get(parent_of(path))
+        hit = self._parent_listing(path)
         if hit is not None:
             hit[0].add(name_of(path))
         self._bump(path)
