@@ -12,6 +12,10 @@
   for directories in the foreground. A tree walk then costs about depth ×
   round trip, not directories × round trip. Prefetch never takes a request
   slot a foreground listing is waiting for: it has its own small limit.
+* Warm-up: at mount the root is listed and the walk prefetch runs for
+  WARM_UP seconds as if a walker had come. What comes first after a mount
+  (ls, a file manager, find, rsync) starts at the root, and finds the first
+  levels listed or on their way.
 * Persistence: changed listings are written to the metastore every few
   seconds and at unmount.
 """
@@ -32,6 +36,7 @@ log = logging.getLogger(__name__)
 
 FLUSH_INTERVAL = 2.0
 WALKER_IDLE = 5.0  # seconds without foreground listings after which prefetch pauses
+WARM_UP = 1.0  # seconds of walk prefetch the mount starts by itself, from the root
 
 ListFn = Callable[[bytes], Awaitable[list[tuple[bytes, p.Attrs]]]]
 ChangeFn = Callable[[bytes, list[bytes]], None]
@@ -150,6 +155,21 @@ class Lister:
         self._unchecked.add(path)
 
     # ---- background ---------------------------------------------------------------
+
+    def warm_up(self, root: bytes = b"") -> None:
+        """List `root` now and walk on below it for WARM_UP seconds (off with prefetch=0)."""
+        if not self._prefetch_workers or self._nursery is None:
+            return
+        self._last_foreground = max(self._last_foreground,
+                                    trio.current_time() - WALKER_IDLE + WARM_UP)
+        self._nursery.start_soon(self._warm_root, root)
+
+    async def _warm_root(self, root: bytes) -> None:
+        try:
+            if await self.stale_listing(root) is None:  # a remount revalidates instead
+                await self.fetch(root)
+        except OSError as e:
+            log.info("listing the root at mount failed: %s", e)
 
     def revalidate_soon(self, path: bytes) -> None:
         if path in self._revalidating or path in self._inflight or self._nursery is None:

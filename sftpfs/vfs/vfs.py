@@ -92,6 +92,7 @@ class Vfs:
         async with trio.open_nursery() as n:
             self.nursery = n
             await n.start(self.lister.run)
+            self.lister.warm_up()
             await n.start(self.reads.run)
             if self.deferred is not None:
                 await n.start(self.deferred.wb.run)
