@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
+from . import kernel_dircache
 from .remote.protocol import Attrs
 from .vfs.files import OpenFile
 from .vfs.meta import join, parent_of
@@ -40,6 +41,7 @@ class Presentation:
     uid: int | None = None
     gid: int | None = None
     umask: int | None = None
+    kernel_dircache: bool = True  # let the kernel keep listings (kernel_dircache.py)
 
 
 class InodeTable:
@@ -84,16 +86,19 @@ class InodeTable:
         self._last[ino] = attrs
         return ino
 
-    def forget(self, ino: int, n: int) -> None:
+    def forget(self, ino: int, n: int) -> bool:
+        """Drop `n` kernel references; True if that was the last."""
         if ino == ROOT or ino not in self._count:
-            return
+            return False
         self._count[ino] -= n
-        if self._count[ino] <= 0:
-            del self._count[ino]
-            self._last.pop(ino, None)
-            p = self._path.pop(ino, None)
-            if p is not None and self._ino.get(p) == ino:
-                del self._ino[p]
+        if self._count[ino] > 0:
+            return False
+        del self._count[ino]
+        self._last.pop(ino, None)
+        p = self._path.pop(ino, None)
+        if p is not None and self._ino.get(p) == ino:
+            del self._ino[p]
+        return True
 
     def _subtree(self, path: bytes) -> list[bytes]:
         """Known paths at or below `path`; only a directory needs a scan."""
@@ -172,6 +177,11 @@ class Operations(pyfuse3.Operations):
         self._files: dict[int, OpenFile] = {}
         self._dirs: dict[int, list[tuple[bytes, Attrs]]] = {}
         self._dir_paths: dict[int, bytes] = {}
+        # Kernel directory cache: what each open directory shows (a fingerprint),
+        # and per directory inode what the kernel last got from READDIRPLUS, when.
+        self._dir_fp: dict[int, tuple[int, int]] = {}  # fh -> (inode, fingerprint)
+        self._dir_served: dict[int, tuple[int, float]] = {}  # inode -> (fingerprint, time)
+        self._kernel_listings = 0  # listings the kernel read from us (not from its cache)
         self._next_fh = 1
         vfs.lister.on_change = self._server_changed
 
@@ -180,6 +190,7 @@ class Operations(pyfuse3.Operations):
         parent = self.inodes.find(dir_path)
         if parent is None:
             return
+        self._dir_served.pop(parent, None)  # the next opendir lists through us
         for name in names:
             self.vfs.nursery.start_soon(self._invalidate_entry, parent, name,
                                         self.inodes.find(join(dir_path, name)))
@@ -197,6 +208,7 @@ class Operations(pyfuse3.Operations):
     def stats(self) -> dict[str, int]:
         return {"inodes": len(self.inodes), "open_files": len(self._files),
                 "open_dirs": len(self._dirs), "requests": self.vfs.remote.requests,
+                "kernel_listings": self._kernel_listings,
                 **self.vfs.lister.stats}
 
     # ---- helpers ----------------------------------------------------------------------
@@ -260,7 +272,8 @@ class Operations(pyfuse3.Operations):
 
     async def forget(self, inode_list):
         for ino, n in inode_list:
-            self.inodes.forget(ino, n)
+            if self.inodes.forget(ino, n):
+                self._dir_served.pop(ino, None)
 
     @_errors
     async def getattr(self, inode, ctx=None):
@@ -313,14 +326,28 @@ class Operations(pyfuse3.Operations):
         up = await self.vfs.getattr(parent_of(path)) if path else here
         fh = self._new_fh()
         # A snapshot: offsets stay stable while the directory changes.
-        self._dirs[fh] = [(b".", here), (b"..", up), *listing]
+        snapshot = self._dirs[fh] = [(b".", here), (b"..", up), *listing]
         self._dir_paths[fh] = path
+        if self.show.kernel_dircache and kernel_dircache.active:
+            fp = hash(tuple((n, a.mode, a.size, a.mtime, a.uid, a.gid) for n, a in snapshot))
+            self._dir_fp[fh] = (inode, fp)
+            # The kernel's copy holds names only; the attributes it got with them
+            # expire. Keep it while both it and they are current.
+            served = self._dir_served.get(inode)
+            ttl = min(self.show.attr_timeout, self.show.entry_timeout)
+            keep = served is not None and served[0] == fp and time.monotonic() - served[1] < ttl
+            kernel_dircache.next_opendir(keep)  # last: pyfuse3 replies right after we return
         return fh
 
     @_errors
     async def readdir(self, fh, start_id, token):
         parent = self._dir_paths[fh]
         entries = self._dirs[fh]
+        if start_id == 0:
+            self._kernel_listings += 1
+        served = self._dir_fp.get(fh)
+        if served is not None:  # the kernel is (re)filling its copy from this snapshot
+            self._dir_served[served[0]] = (served[1], time.monotonic())
         for i in range(start_id, len(entries)):
             name, a = entries[i]
             if name in (b".", b".."):
@@ -339,6 +366,7 @@ class Operations(pyfuse3.Operations):
     async def releasedir(self, fh):
         self._dirs.pop(fh, None)
         self._dir_paths.pop(fh, None)
+        self._dir_fp.pop(fh, None)
 
     @_errors
     async def fsyncdir(self, fh, datasync):

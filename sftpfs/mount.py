@@ -19,7 +19,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from . import runtime
+from . import kernel_dircache, runtime
 from .control import ControlHandler, LabelledHandler, ReadOnlyHandler, control_path, serve_control
 from .fs import Operations, Presentation
 from .options import MountConfig
@@ -123,7 +123,9 @@ async def serve(cfg: MountConfig, ready: Callable[[], None]) -> None:
         await _enable_writeback(cfg, vfs, cache_dir)
     show = Presentation(attr_timeout=cfg.attr_timeout, entry_timeout=cfg.entry_timeout,
                         negative_timeout=cfg.negative_timeout, uid=cfg.uid, gid=cfg.gid,
-                        umask=cfg.umask)
+                        umask=cfg.umask, kernel_dircache=cfg.kernel_dircache)
+    if show.kernel_dircache:
+        kernel_dircache.install()
     ops = Operations(vfs, show)
     try:
         pyfuse3.init(ops, str(cfg.mountpoint), cfg.fuse_options())

@@ -66,6 +66,7 @@ class MountConfig:
     small_file: int = 256 * 1024
     log_file: Path | None = None
     writeback: bool = True
+    kernel_dircache: bool = True
     writeback_delay: float = 0.5
     dirty_limit: int | None = None  # None: min(4 GiB, a quarter of the cache disk's free space)
     flush_timeout: float = 600.0
@@ -183,6 +184,10 @@ def _apply(cfg: MountConfig, opt: str) -> None:
         cfg.cache_dir = Path(os.path.expanduser(value))
     elif key in ("cache_size", "readahead_max", "small_file", "dirty_limit"):
         setattr(cfg, key, parse_size(key, value))
+    elif key == "kernel_dircache":
+        if value not in ("on", "off", "yes", "no"):
+            raise OptionError("option kernel_dircache takes on or off")
+        cfg.kernel_dircache = value in ("on", "yes")
     elif key == "writeback":
         if value not in ("on", "off", "yes", "no"):
             raise OptionError("option writeback takes on or off")

@@ -226,3 +226,28 @@ def test_lookups_in_a_listed_dir_cost_no_request(sftp_server, remote_dir, mount,
         assert e.value.errno == errno.ENOENT
     assert os.stat(mnt / "present").st_size == 1
     assert stats(mount, sftpfs_env, mnt)["requests"] == before
+
+
+@pytest.mark.parametrize("dircache", ["on", "off"])
+def test_kernel_keeps_listings_while_fresh(sftp_server, remote_dir, mount, sftpfs_env, dircache):
+    """With the kernel's directory cache a repeated `ls` does not reach sftpfs, until
+    the attributes it came with expire; changes on either side still show."""
+    for i in range(30):
+        server_write(sftp_server, remote_dir / f"f{i:02d}", b"x")
+    mnt = mount(opts=["cache_timeout=2", "attr_timeout=3", "entry_timeout=3",
+                      f"kernel_dircache={dircache}"])
+    names = sorted(os.listdir(mnt))
+    before = stats(mount, sftpfs_env, mnt)["kernel_listings"]
+    for _ in range(5):
+        assert sorted(os.listdir(mnt)) == names
+    again = stats(mount, sftpfs_env, mnt)["kernel_listings"] - before
+    assert again == (0 if dircache == "on" else 5)
+
+    (mnt / "mine").write_bytes(b"own change")  # the kernel drops its copy itself
+    assert "mine" in os.listdir(mnt)
+    server_write(sftp_server, remote_dir / "theirs", b"server change")
+    deadline = time.monotonic() + 2 + 3 + 2  # metadata TTL + kernel attribute timeout + slack
+    while "theirs" not in os.listdir(mnt):
+        assert time.monotonic() < deadline, "a server change stayed hidden past the TTLs"
+        time.sleep(0.2)
+    assert sorted(os.listdir(mnt)) == sorted(names + ["mine", "theirs"])
