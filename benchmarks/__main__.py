@@ -18,13 +18,14 @@ import pwd
 import shlex
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
 import traceback
 from pathlib import Path
 
-from . import report
+from . import reference, report
 from .dataset import Dataset, Spec, change_some, generate
 from .proxy import ProxyProcess, measure_link
 from .session import Budget, Failed, Session, Skipped, Timeout
@@ -183,6 +184,27 @@ def run_system(name: str, a, ds: Dataset, changed: Path, server, endpoint: Endpo
             publish_read_set(ds, s.server_dir("ro"), chown_to(server))
 
 
+def measure_references(a, ds: Dataset, ro: Path, endpoint: Endpoint, work: Path) -> dict:
+    """Local-disk find and `sftp get`, for the workloads that are judged against them."""
+    keys = {w.key for w in a.workload_list}
+    refs: dict = {}
+    try:
+        if "find-warm" in keys:
+            refs["local_find_s"] = round(reference.local_find(ds), 4)
+            say(f"reference: find on local disk, warm: {refs['local_find_s']} s")
+        if "read-cold" in keys:
+            secs = reference.sftp_get(endpoint, ro / "big.bin", work / "sftp-get.bin",
+                                      timeout=a.timeout)
+            refs["sftp_get_s"] = round(secs, 3)
+            refs["sftp_get_MB_per_s"] = round(ds.spec.big_size / 1e6 / secs, 1)
+            say(f"reference: sftp get of the big file: {secs:.2f} s "
+                f"({refs['sftp_get_MB_per_s']} MB/s)")
+    except (OSError, subprocess.SubprocessError, RuntimeError) as e:
+        refs["error"] = str(e)[-300:]
+        say(f"reference measurement failed: {e}")
+    return refs
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     if str(REPO_ROOT) not in sys.path:
@@ -230,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             known_hosts.write_text(server.known_hosts_line(port))
             endpoint = Endpoint(host="127.0.0.1", port=port, user=server.user,
                                 key=Path(server.client_key), known_hosts=known_hosts)
+            doc["references"] = measure_references(a, ds, server.root / "ro", endpoint, work)
             for name in a.system_list:
                 run_system(name, a, ds, changed, server, endpoint, work, logs / f"{name}.log", doc)
                 report.write(doc, a.out)

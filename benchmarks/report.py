@@ -100,6 +100,31 @@ def _mount_row(doc: dict, systems: list[str], peers: list[str]) -> str:
     return "| " + " | ".join(row) + " |"
 
 
+def _reference_lines(doc: dict, systems: list[str]) -> list[str]:
+    """The same run's local-disk find and `sftp get`, and each system measured against them."""
+    refs = doc.get("references") or {}
+    out: list[str] = []
+
+    def seconds(system: str, key: str) -> float | None:
+        res = doc["results"].get(system, {}).get(key)
+        return res["seconds"].get("time") if res and res["status"] == "ok" else None
+
+    if refs.get("local_find_s"):
+        local = refs["local_find_s"]
+        vs = [f"{s} {t / local:.1f}×" for s in systems if (t := seconds(s, "find-warm"))]
+        out.append(f"- `find -printf` over the same tree on local disk, warm: {_fmt_seconds(local)} s"
+                   + (f" — workload 2 takes {', '.join(vs)} as long" if vs else ""))
+    if refs.get("sftp_get_s"):
+        get = refs["sftp_get_s"]
+        vs = [f"{s} {100 * get / t:.0f} %" for s in systems if (t := seconds(s, "read-cold"))]
+        out.append(f"- OpenSSH `sftp get` of the big file over the same link: {_fmt_seconds(get)} s "
+                   f"({refs['sftp_get_MB_per_s']} MB/s)"
+                   + (f" — workload 3 reads at {', '.join(vs)} of its rate" if vs else ""))
+    if refs.get("error"):
+        out.append(f"- reference measurement failed: {refs['error']}")
+    return ["", "Reference points, same run:", "", *out] if out else []
+
+
 def render_markdown(doc: dict) -> str:
     meta, systems = doc["meta"], list(doc["systems"])
     peers = [s for s in systems if s != BASELINE] if BASELINE in systems else []
@@ -148,6 +173,7 @@ def render_markdown(doc: dict) -> str:
                                   meta["timeout"]))
             lines.append("| " + " | ".join(row) + " |")
     lines.append(_mount_row(doc, systems, peers))
+    lines += _reference_lines(doc, systems)
     if notes:
         lines += ["", "Notes:", ""]
         lines += [f"{i}. {n}" for i, n in enumerate(notes, 1)]

@@ -157,11 +157,19 @@ def find_cold(s: Session, budget: Budget, r: Result) -> None:
     _find(s, budget, r)
 
 
+WARM_RUNS = 5  # a warm find takes milliseconds: the median of a few runs
+
+
 def find_warm(s: Session, budget: Budget, r: Result) -> None:
     if not s.last_was(1):
         s.fresh_mount("ro", budget)
         _find(s, budget, None)
-    _find(s, budget, r)
+    runs = []
+    for _ in range(WARM_RUNS):
+        _find(s, budget, r)
+        runs.append(r.seconds["time"])
+    r.seconds["time"] = sorted(runs)[len(runs) // 2]
+    r.extra["runs"] = [round(x, 4) for x in runs]
 
 
 def read_cold(s: Session, budget: Budget, r: Result) -> None:
@@ -282,7 +290,7 @@ def unmount_pending(s: Session, budget: Budget, r: Result) -> None:
 
 WORKLOADS = [
     Workload(1, "find-cold", "find -printf over the tree, cold", ("time",), find_cold),
-    Workload(2, "find-warm", "find -printf again, warm", ("time",), find_warm),
+    Workload(2, "find-warm", "find -printf again, warm (median of 5)", ("time",), find_warm),
     Workload(3, "read-cold", "read the {big} file, cold", ("time",), read_cold),
     Workload(4, "read-warm", "re-read the {big} file, warm", ("time",), read_warm),
     Workload(5, "file-mime", "file --mime-type on {mime} files, cold", ("time",), file_mime),
