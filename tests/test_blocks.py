@@ -293,6 +293,18 @@ async def test_epochs_persist(tmp_path):
     assert await _with_cache(d, read) == (e, 0)
 
 
+async def test_renamed_directory_makes_new_versions_below(tmp_path):
+    """`mv a b` here: b/x is another file than the b/x read before, even with the
+    same size and mtime; its blocks must not be served for it."""
+    async def rename(bc):
+        before = await bc.epoch(b"b/sub/x")
+        bc.bump(b"b")  # what Vfs.rename does to the new name
+        return before, await bc.epoch(b"b/sub/x"), await bc.epoch(b"b"), await bc.epoch(b"bb/x")
+
+    before, below, top, other = await _with_cache(tmp_path / "blocks", rename)
+    assert before == 0 and below == top > 0 and other == 0
+
+
 async def test_cancelled_run_fails_its_blocks(tmp_path):
     data = os.urandom(2 * BS)
     v = version(data)

@@ -510,6 +510,15 @@ class BlockCache:
     # ---- epochs: local changes make new versions --------------------------------------
 
     async def epoch(self, path: bytes) -> int:
+        """The newest epoch of `path` and of its directories: a directory renamed
+        here makes new versions of everything below it."""
+        e = await self._own_epoch(path)
+        while path:
+            path = path.rpartition(b"/")[0]
+            e = max(e, await self._own_epoch(path))
+        return e
+
+    async def _own_epoch(self, path: bytes) -> int:
         e = self._epochs.get(path)
         if e is None:
             e = 0
@@ -520,10 +529,6 @@ class BlockCache:
                     self._epochs.clear()
                 self._epochs[path] = e
         return e
-
-    def epoch_now(self, path: bytes) -> int | None:
-        """The epoch if known without asking the disk."""
-        return self._epochs.get(path)
 
     def bump(self, path: bytes) -> None:
         """This mount changes `path`: blocks read before are not its content any more.
