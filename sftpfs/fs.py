@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
-from . import kernel_dircache
+from . import openreply
 from .remote.protocol import Attrs
 from .vfs.files import OpenFile
 from .vfs.meta import join, parent_of
@@ -41,7 +41,7 @@ class Presentation:
     uid: int | None = None
     gid: int | None = None
     umask: int | None = None
-    kernel_dircache: bool = True  # let the kernel keep listings (kernel_dircache.py)
+    kernel_dircache: bool = True  # let the kernel keep listings (openreply.py)
 
 
 class InodeTable:
@@ -182,6 +182,7 @@ class Operations(pyfuse3.Operations):
         self._dir_fp: dict[int, tuple[int, int]] = {}  # fh -> (inode, fingerprint)
         self._dir_served: dict[int, tuple[int, float]] = {}  # inode -> (fingerprint, time)
         self._kernel_listings = 0  # listings the kernel read from us (not from its cache)
+        self._flushes = 0  # close(2)s that waited for us (none for read-only opens)
         self._next_fh = 1
         vfs.lister.on_change = self._server_changed
 
@@ -208,7 +209,7 @@ class Operations(pyfuse3.Operations):
     def stats(self) -> dict[str, int]:
         return {"inodes": len(self.inodes), "open_files": len(self._files),
                 "open_dirs": len(self._dirs), "requests": self.vfs.remote.requests,
-                "kernel_listings": self._kernel_listings,
+                "kernel_listings": self._kernel_listings, "flushes": self._flushes,
                 **self.vfs.lister.stats}
 
     # ---- helpers ----------------------------------------------------------------------
@@ -328,7 +329,7 @@ class Operations(pyfuse3.Operations):
         # A snapshot: offsets stay stable while the directory changes.
         snapshot = self._dirs[fh] = [(b".", here), (b"..", up), *listing]
         self._dir_paths[fh] = path
-        if self.show.kernel_dircache and kernel_dircache.active:
+        if self.show.kernel_dircache and openreply.active:
             fp = hash(tuple((n, a.mode, a.size, a.mtime, a.uid, a.gid) for n, a in snapshot))
             self._dir_fp[fh] = (inode, fp)
             # The kernel's copy holds names only; the attributes it got with them
@@ -336,7 +337,7 @@ class Operations(pyfuse3.Operations):
             served = self._dir_served.get(inode)
             ttl = min(self.show.attr_timeout, self.show.entry_timeout)
             keep = served is not None and served[0] == fp and time.monotonic() - served[1] < ttl
-            kernel_dircache.next_opendir(keep)  # last: pyfuse3 replies right after we return
+            openreply.next_opendir(keep)  # last: pyfuse3 replies right after we return
         return fh
 
     @_errors
@@ -485,6 +486,8 @@ class Operations(pyfuse3.Operations):
         fh = self._new_fh()
         self._files[fh] = f
         f.ino = inode
+        if flags & os.O_ACCMODE == os.O_RDONLY:
+            openreply.next_open_readonly()  # last: pyfuse3 replies right after we return
         # Same version as at the last open: the kernel's page cache is still right.
         return pyfuse3.FileInfo(fh=fh, keep_cache=f.keep_cache)
 
@@ -505,6 +508,7 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def flush(self, fh):
+        self._flushes += 1
         await self._files[fh].flush()
 
     @_errors

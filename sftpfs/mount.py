@@ -19,7 +19,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from . import kernel_dircache, runtime
+from . import openreply, runtime
 from .control import ControlHandler, LabelledHandler, ReadOnlyHandler, control_path, serve_control
 from .fs import Operations, Presentation
 from .options import MountConfig
@@ -124,8 +124,7 @@ async def serve(cfg: MountConfig, ready: Callable[[], None]) -> None:
     show = Presentation(attr_timeout=cfg.attr_timeout, entry_timeout=cfg.entry_timeout,
                         negative_timeout=cfg.negative_timeout, uid=cfg.uid, gid=cfg.gid,
                         umask=cfg.umask, kernel_dircache=cfg.kernel_dircache)
-    if show.kernel_dircache:
-        kernel_dircache.install()
+    openreply.install()
     ops = Operations(vfs, show)
     try:
         pyfuse3.init(ops, str(cfg.mountpoint), cfg.fuse_options())

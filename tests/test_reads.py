@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from sftpfs.vfs.blocks import BLOCK_SIZE, read_stats
+from tests.test_meta import stats
 
 OLD = 1_500_000_000
 
@@ -334,3 +335,18 @@ def test_cache_info_and_clear(sftp_server, remote_dir, mount, sftpfs_env, tmp_pa
     assert r.returncode == 1 and "no cache for" in r.stderr
     r = sftpfs(sftpfs_env, "cache", "info", "--cache-dir", str(tmp_path / "none"))
     assert r.returncode == 0 and "no cached remotes" in r.stdout
+
+
+def test_closing_a_file_that_was_only_read_does_not_wait(sftp_server, remote_dir, mount, sftpfs_env):
+    """Read-only opens are answered with FOPEN_NOFLUSH: close(2) sends no FLUSH.
+    A writer's close still does, and still reports what failed."""
+    put(sftp_server, remote_dir / "r", b"read me" * 1000)
+    mnt = mount()
+    before = stats(mount, sftpfs_env, mnt)["flushes"]
+    for _ in range(5):
+        with open(mnt / "r", "rb") as f:
+            assert f.read() == b"read me" * 1000
+    assert stats(mount, sftpfs_env, mnt)["flushes"] == before
+    with open(mnt / "w", "wb") as f:
+        f.write(b"written")
+    assert stats(mount, sftpfs_env, mnt)["flushes"] == before + 1

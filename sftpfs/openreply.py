@@ -1,24 +1,28 @@
-"""Let the kernel cache directory listings (FOPEN_CACHE_DIR), which pyfuse3 cannot ask for.
+"""Open-reply flags pyfuse3 cannot set: a kernel cache for listings, no FLUSH for readers.
 
-Without it, every `ls` or `find` of a directory costs three synchronous FUSE
-round trips (OPENDIR, READDIRPLUS, and the empty READDIRPLUS that ends the
-listing), each a wake-up of this process: on a small VM that made a warm find
-four times slower than on local disk. With it, the kernel answers getdents
-from its page cache and only OPENDIR reaches us.
+* FOPEN_CACHE_DIR (+ FOPEN_KEEP_CACHE) on OPENDIR. Without it every `ls` or
+  `find` of a directory costs three synchronous FUSE round trips (OPENDIR,
+  READDIRPLUS, and the empty READDIRPLUS that ends the listing), each a
+  wake-up of this process: on a small VM a warm find took four times as long
+  as on local disk. With it the kernel answers getdents from its page cache
+  and only OPENDIR reaches us.
+* FOPEN_NOFLUSH on read-only OPENs: close(2) of a file opened for reading
+  then does not wait for a FLUSH round trip (there is nothing to flush).
 
-pyfuse3 (up to 3.5) answers OPENDIR with a fuse_file_info whose cache_readdir
-and keep_cache bits are always clear. Its extension calls libfuse's
+pyfuse3 (up to 3.5) replies to OPENDIR with these bits clear and lets OPEN set
+only direct_io, keep_cache and nonseekable. Its extension calls libfuse's
 `fuse_reply_open` through its PLT, so we point the extension's GOT slot for
-that symbol at a ctypes function that sets the two bits when `Operations.
-opendir` asked for them just before returning (nothing runs in between: the
-handler's reply follows its return synchronously), then calls libfuse.
+that symbol at a ctypes function that sets the bits the handler asked for
+just before returning (nothing runs in between: pyfuse3 replies right after
+the handler returns), then calls libfuse.
 
 It is installed only when every check passes: a little-endian x86-64 or
-AArch64 ELF extension, libfuse 3.5 or later (keep_cache is bit 2 and
-cache_readdir bit 6 of the word after `flags` in every FUSE 3 header), the
+AArch64 ELF extension, libfuse 3.11 or later (keep_cache is bit 2,
+cache_readdir bit 6 and noflush bit 7 of the word after `flags` in every
+FUSE 3 header since; later fields were appended after them), the
 relocation found by name, and the slot holding libfuse's function or a stub
-inside the extension. Otherwise sftpfs logs why and runs without the kernel's
-cache. Delete this module once pyfuse3 lets opendir return a FileInfo.
+inside the extension. Otherwise sftpfs logs why and runs without. Delete this
+module once pyfuse3 lets opendir and open return these flags.
 """
 
 from __future__ import annotations
@@ -35,8 +39,9 @@ import pyfuse3
 
 log = logging.getLogger(__name__)
 
-KEEP_CACHE = 1 << 2  # fuse_file_info bits (fuse_common.h, FUSE 3.5+)
+KEEP_CACHE = 1 << 2  # fuse_file_info bits (fuse_common.h, FUSE 3.11+)
 CACHE_READDIR = 1 << 6
+NOFLUSH = 1 << 7
 SLOT_TYPES = {"x86_64": {6, 7}, "aarch64": {1025, 1026}}  # GLOB_DAT, JUMP_SLOT
 SHT_RELA, SHT_DYNSYM = 4, 11
 PT_LOAD, PT_GNU_RELRO = 1, 0x6474E552
@@ -60,6 +65,13 @@ def next_opendir(keep: bool) -> None:
         _pending = CACHE_READDIR | (KEEP_CACHE if keep else 0)
 
 
+def next_open_readonly() -> None:
+    """The OPEN being answered now is read-only: close(2) need not send FLUSH."""
+    global _pending
+    if active:
+        _pending = NOFLUSH
+
+
 def _reply_open(req: int, fi: int) -> int:
     # Called from C with a request to answer: whatever happens, answer it.
     global _pending
@@ -80,7 +92,7 @@ def install() -> bool:
     except (OSError, ValueError, struct.error, AttributeError) as e:
         why = f"{type(e).__name__}: {e}"
     if why:
-        log.info("kernel directory cache not available (%s): listings go through sftpfs", why)
+        log.info("open-reply flags not available (%s): no kernel directory cache", why)
         return False
     return True
 
@@ -95,7 +107,7 @@ def _install() -> str | None:
         return f"pyfuse3 is not an ELF extension ({so})"
     libfuse = ctypes.CDLL(ctypes.util.find_library("fuse3") or "libfuse3.so.3")
     version = libfuse.fuse_version()
-    if not 305 <= version < 400:
+    if not 311 <= version < 400:
         return f"libfuse version {version}"
     with open(so, "rb") as f:
         elf = f.read()
