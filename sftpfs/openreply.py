@@ -84,7 +84,6 @@ def _reply_open(req: int, fi: int) -> int:
 
 def install() -> bool:
     """Install the interposer once; False (and a log line saying why) if it cannot be."""
-    global active, _real, _hook
     if active:
         return True
     try:
