@@ -406,6 +406,21 @@ class SftpServer:
                 os.kill(pid, signal.SIGKILL)
         return len(pids)
 
+    @contextlib.contextmanager
+    def paused(self):
+        """Freeze the per-connection sshd processes (SIGSTOP) for the block: requests
+        sent meanwhile wait, as on a stalled link, and are answered afterwards."""
+        pids = _descendants(self.proc.pid) if self.proc is not None else []
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGCONT)
+
     def stop(self) -> None:
         if self._stopped:
             return

@@ -214,6 +214,22 @@ def test_connection_drops_during_upload_then_completes(sftp_server, remote_dir, 
     assert (remote_dir / "small").read_bytes() == b"s"
 
 
+def test_directory_times_are_set_after_its_entries_change(sftp_server, remote_dir, mount,
+                                                          run_sftpfs):
+    """rsync sets a directory's times last. A setattr of it still queued from before
+    must not absorb them: entries made in between move the mtime on the server."""
+    mnt = mount(opts=["timeout=30"])
+    with sftp_server.paused():  # the uploads wait: what follows stays queued behind them
+        (mnt / "d").mkdir()
+        os.utime(mnt / "d", (1_000_000_000, 1_000_000_000))
+        (mnt / "d" / "f").write_bytes(b"made after the first utime")
+        os.utime(mnt / "d", (1_200_000_000, 1_200_000_000))
+    sync(run_sftpfs, mnt)
+    assert (remote_dir / "d" / "f").read_bytes() == b"made after the first utime"
+    assert (remote_dir / "d").stat().st_mtime == 1_200_000_000
+    assert (mnt / "d").stat().st_mtime == 1_200_000_000
+
+
 WRITER = r'''
 import os, sys, hashlib
 mnt, log = sys.argv[1], sys.argv[2]

@@ -79,6 +79,15 @@ def _dec(s: str | None) -> bytes | None:
     return None if s is None else s.encode("latin-1")
 
 
+def _ancestors(path: bytes) -> list[bytes]:
+    """The directories above `path`, up to the root (b"")."""
+    out = []
+    while path:
+        path = path.rpartition(b"/")[0]
+        out.append(path)
+    return out
+
+
 # ---- dirty ranges ------------------------------------------------------------------------
 
 
@@ -254,6 +263,7 @@ class WriteBack:
         self.errors: dict[bytes, OSError] = {}  # by local path, returned at next flush/fsync
         self._path_ops: dict[bytes, int] = {}  # unfinished ops per path: pins live while > 0
         self._last_op: dict[bytes, Op] = {}  # the newest unfinished op naming each path
+        self._last_below: dict[bytes, Op] = {}  # the newest unfinished op naming a path below
         self._done_count = 0
         self._seq = 0
         self._next_file = 1
@@ -282,6 +292,8 @@ class WriteBack:
             f.unfinished += 1
         for path in op.paths:
             self._last_op[path] = op
+            for up in _ancestors(path):
+                self._last_below[up] = op
             self._path_ops[path] = self._path_ops.get(path, 0) + 1
             if op.kind in ("unlink", "rmdir") or (op.kind == "rename" and path == op.paths[0]):
                 self.meta.pin_absent(path)
@@ -298,6 +310,9 @@ class WriteBack:
         for path in op.paths:
             if self._last_op.get(path) is op:
                 del self._last_op[path]
+            for up in _ancestors(path):
+                if self._last_below.get(up) is op:
+                    del self._last_below[up]
             n = self._path_ops.get(path, 1) - 1
             if n <= 0:
                 self._path_ops.pop(path, None)
@@ -402,6 +417,11 @@ class WriteBack:
         """
         last = self._last_op.get(path)
         if last is None or last.state != "pending" or last.paths != (path,):
+            return False
+        below = self._last_below.get(path)
+        if below is not None and below.seq > last.seq:
+            # Entries changed inside the directory since: on the server they move its
+            # mtime, so times set now must be set after them, not folded before.
             return False
         if last.kind == "create" and "uid" not in args and "gid" not in args:
             fold = {k: v for k, v in args.items() if k in ("mode", "atime", "mtime")}
