@@ -230,6 +230,25 @@ def test_directory_times_are_set_after_its_entries_change(sftp_server, remote_di
     assert (mnt / "d").stat().st_mtime == 1_200_000_000
 
 
+def test_closed_file_uploads_without_waiting_for_quiet(sftp_server, remote_dir, mount):
+    """writeback_delay holds back files that are still open; a closed one goes at once
+    (after a moment for the utimes tools send right after close, which fold in)."""
+    mnt = mount(opts=["writeback_delay=10"])
+    with open(mnt / "open", "wb") as held:
+        held.write(b"still being written")
+        held.flush()  # written, still open: waits for 10 s of quiet
+        t0 = time.monotonic()
+        with open(mnt / "closed", "wb") as f:
+            f.write(b"closed at once")
+        os.utime(mnt / "closed", (1_000_000_000, 1_000_000_000))
+        while not (remote_dir / "closed").exists() or \
+                (remote_dir / "closed").stat().st_mtime != 1_000_000_000:
+            assert time.monotonic() - t0 < 5, "a closed file waited for writeback_delay"
+            time.sleep(0.05)
+        assert (remote_dir / "closed").read_bytes() == b"closed at once"
+        assert not (remote_dir / "open").exists()
+
+
 WRITER = r'''
 import os, sys, hashlib
 mnt, log = sys.argv[1], sys.argv[2]

@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20  # bytes read from a dirty file per upload step
 JOURNAL_COMPACT_AT = 64 << 20
+CLOSE_SETTLE = 0.05  # seconds between the last close of a written file and its upload
 EAGER_BYTES = 4 << 20  # dirty bytes of one file that start its upload without waiting
 SCHEDULE_WINDOW = 384  # unfinished ops looked at per scheduling pass (parallel is 48)
 WRITES_AHEAD = 32  # WRITE requests in flight per uploading file
@@ -487,7 +488,12 @@ class WriteBack:
             if f.path is None and f.queued is None and not self._file_busy(f):
                 self._drop_file(f)
             else:
-                self._wake.set()  # a closed file uploads without waiting for quiet
+                # A closed file uploads without waiting for quiet: after a moment,
+                # for the utimes/chmod that tools send right after close to fold in.
+                q = f.queued
+                if q is not None and q.state == "pending":
+                    q.ready_at = min(q.ready_at, trio.current_time() + CLOSE_SETTLE)
+                self._wake.set()
 
     def _file_busy(self, f: DirtyFile) -> bool:
         return f.unfinished > 0
