@@ -76,9 +76,12 @@ def _reply_open(req: int, fi: int) -> int:
     # Called from C with a request to answer: whatever happens, answer it.
     global _pending
     bits, _pending = _pending, 0
-    if bits and fi:
-        word = ctypes.c_uint32.from_address(fi + 4)  # after `int flags`
-        word.value |= bits
+    try:
+        if bits and fi:
+            word = ctypes.c_uint32.from_address(fi + 4)  # after `int flags`
+            word.value |= bits
+    except Exception:  # noqa: BLE001 - the flags are an optimisation, the reply is not
+        log.exception("setting open-reply flags failed")
     return _real(req, fi)  # type: ignore[misc]  # set before the hook is installed
 
 
