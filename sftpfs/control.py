@@ -280,11 +280,14 @@ async def _sync(stream: trio.SocketStream, handler: ControlHandler) -> None:
 
 
 class LabelledHandler:
-    """Adds "remote" and "mountpoint" to every dict a handler returns, if missing."""
+    """Adds "remote" and "mountpoint" to every dict a handler returns, if missing,
+    and the daemon's counters to a status."""
 
-    def __init__(self, inner: ControlHandler, *, remote: str, mountpoint: str) -> None:
+    def __init__(self, inner: ControlHandler, *, remote: str, mountpoint: str,
+                 stats: Callable[[], dict] | None = None) -> None:
         self.inner = inner
         self.labels = {"remote": remote, "mountpoint": mountpoint}
+        self._stats = stats
 
     def _label(self, d: dict) -> dict:
         for k, v in self.labels.items():
@@ -292,7 +295,13 @@ class LabelledHandler:
         return d
 
     def status(self) -> dict:
-        return self._label(dict(self.inner.status()))
+        d = self._label(dict(self.inner.status()))
+        if self._stats is not None and "counters" not in d:
+            try:
+                d["counters"] = dict(self._stats())
+            except Exception:  # noqa: BLE001 - counters are a courtesy
+                d["counters"] = {}
+        return d
 
     async def sync(self, progress: Callable[[dict], None]) -> dict:
         return self._label(dict(await self.inner.sync(lambda d: progress(self._label(dict(d))))))

@@ -267,6 +267,11 @@ def format_status(st: dict, mp: Path) -> str:
     counters = st.get("counters")
     if isinstance(counters, dict) and "open_files" in counters:
         out.append(f"  open files:  {counters['open_files']}")
+    if isinstance(counters, dict) and "cache_hits" in counters:
+        hits, misses = _int(counters, "cache_hits"), _int(counters, "cache_misses")
+        rate = f", {100 * hits // (hits + misses)} % hits" if hits + misses else ""
+        out.append(f"  read cache:  {human_bytes(_int(counters, 'cache_hit_bytes'))} from the cache, "
+                   f"{human_bytes(_int(counters, 'cache_fetched_bytes'))} fetched since mount{rate}")
     fails = _list(st, "failures")
     if fails:
         out.append(f"  failed:      {_plural(len(fails), 'upload')}")

@@ -186,7 +186,8 @@ def control_handler(cfg: MountConfig, vfs: Vfs, ops: Operations) -> ControlHandl
     at once)."""
     inner = vfs.control_handler() or ReadOnlyHandler(
         connected=lambda: vfs.remote.connected, stats=ops.stats)
-    return LabelledHandler(inner, remote=cfg.source, mountpoint=str(cfg.mountpoint))
+    return LabelledHandler(inner, remote=cfg.source, mountpoint=str(cfg.mountpoint),
+                           stats=ops.stats)
 
 
 async def _start_control(n: trio.Nursery, cfg: MountConfig, handler: ControlHandler) -> None:

@@ -30,6 +30,8 @@ def _control_path(env: dict, mnt: Path) -> Path:
 
 def test_status_on_a_live_mount(mount, run_sftpfs, sftpfs_env, remote_dir):
     (remote_dir / "hello").write_text("hello\n")
+    (remote_dir / "r.bin").write_bytes(os.urandom(3 << 20))
+    os.utime(remote_dir / "r.bin", (1_000_000_000, 1_000_000_000))  # old enough to cache
     mnt = mount()
     sock = _control_path(sftpfs_env, mnt)
     st = os.lstat(sock)
@@ -52,6 +54,14 @@ def test_status_on_a_live_mount(mount, run_sftpfs, sftpfs_env, remote_dir):
     for key in ("pending_ops", "pending_files", "pending_bytes", "uploaded_bytes"):
         assert isinstance(d[key], int) and d[key] >= 0, (key, d)
     assert isinstance(d["failures"], list) and isinstance(d["recovery"], list)
+
+    # Reads show up in the block-cache counters: fetched once, then from the cache.
+    for _ in range(2):
+        with open(mnt / "r.bin", "rb") as f:  # a new open: the kernel's page cache is kept,
+            f.read()                          # so the second read may not reach the daemon
+    c = json.loads(run_sftpfs("status", "--json", mnt).stdout)["counters"]
+    assert c["cache_fetched_bytes"] >= 3 << 20, c
+    assert "read cache:" in run_sftpfs("status", mnt).stdout
     mount.unmount(mnt)
     assert not sock.exists(), "control socket left behind after unmount"
 
