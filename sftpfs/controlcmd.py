@@ -270,8 +270,11 @@ def format_status(st: dict, mp: Path) -> str:
     if isinstance(counters, dict) and "cache_hits" in counters:
         hits, misses = _int(counters, "cache_hits"), _int(counters, "cache_misses")
         rate = f", {100 * hits // (hits + misses)} % hits" if hits + misses else ""
+        ahead = _int(counters, "files_prefetched")
+        ahead_text = f" ({_plural(ahead, 'file')} ahead of the reader)" if ahead else ""
         out.append(f"  read cache:  {human_bytes(_int(counters, 'cache_hit_bytes'))} from the cache, "
-                   f"{human_bytes(_int(counters, 'cache_fetched_bytes'))} fetched since mount{rate}")
+                   f"{human_bytes(_int(counters, 'cache_fetched_bytes'))} fetched since mount"
+                   f"{ahead_text}{rate}")
     fails = _list(st, "failures")
     if fails:
         out.append(f"  failed:      {_plural(len(fails), 'upload')}")

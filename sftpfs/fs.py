@@ -210,6 +210,7 @@ class Operations(pyfuse3.Operations):
         return {"inodes": len(self.inodes), "open_files": len(self._files),
                 "open_dirs": len(self._dirs), "requests": self.vfs.remote.requests,
                 "kernel_listings": self._kernel_listings, "flushes": self._flushes,
+                "files_prefetched": self.vfs.reads.prefetcher.files_prefetched,
                 **self.vfs.lister.stats,
                 **{f"cache_{k}": v for k, v in self.vfs.reads.blocks.stats.items()}}
 

@@ -542,11 +542,11 @@ async def test_walk_order_is_depth_first_by_name(tmp_path):
 async def test_walk_starts_on_files_opened_in_name_order(tmp_path, monkeypatch):
     fetched: list[bytes] = []
 
-    async def fake_fetch(self, path, a):
-        fetched.append(path)
-        self._files.release()
+    async def fake_fetch(self, items):
+        fetched.extend(path for path, _a in items)
+        self._batches.release()
 
-    monkeypatch.setattr(DirPrefetcher, "_fetch_file", fake_fetch)
+    monkeypatch.setattr(DirPrefetcher, "_fetch_batch", fake_fetch)
 
     async def body(vfs, ra):
         _tree(vfs)

@@ -302,6 +302,33 @@ def test_copying_a_tree_fetches_each_file_once(sftp_server, remote_dir, mount, t
     assert st["fetched_bytes"] == total  # prefetched or read: each byte once
 
 
+def test_unreadable_files_in_a_prefetch_batch_spoil_only_themselves(sftp_server, remote_dir, mount,
+                                                                   sftpfs_env, tmp_path):
+    # The prefetcher opens many files with one send and reads them with the next:
+    # a refused OPEN must cost only that file.
+    rng = random.Random(9)
+    src = remote_dir / "tree"
+    for i in range(40):
+        put(sftp_server, src / f"f{i:02d}", rng.randbytes(rng.randrange(1, 5000)))
+    refused = {"f05", "f13", "f14"}
+    for name in refused:
+        (src / name).chmod(0)
+    cache = tmp_path / "cache"
+    mnt = mount(opts=(f"cache_dir={cache}",))
+    dest = tmp_path / "copy"
+    r = subprocess.run(["rsync", "-rlt", f"{mnt}/tree/", f"{dest}/"], capture_output=True, text=True)
+    assert r.returncode == 23, r.stderr  # "some files could not be transferred"
+    assert sorted(refused) == sorted(n for n in refused if n in r.stderr)
+    readable = sorted(p for p in src.iterdir() if p.name not in refused)
+    assert sorted(p.name for p in dest.iterdir()) == [p.name for p in readable]
+    for p in readable:
+        assert (dest / p.name).read_bytes() == p.read_bytes(), p.name
+    # All but the first two (before the walk was noticed) came from the prefetcher.
+    assert stats(mount, sftpfs_env, mnt)["files_prefetched"] == len(readable) - 2
+    mount.unmount(mnt)
+    assert read_stats(blocks_dir(cache))["fetched_bytes"] == sum(p.stat().st_size for p in readable)
+
+
 # ------------------------------------------------------------------ sftpfs cache
 
 

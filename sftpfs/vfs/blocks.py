@@ -423,6 +423,14 @@ class BlockCache:
             return True
         return disk and self.disk.enabled and self.disk.contains(key)
 
+    async def on_disk(self, keys: list[bytes]) -> set[bytes]:
+        """Which of `keys` are in the disk cache, looked up in a thread (the
+        directory prefetcher asks about many files at once)."""
+        if not keys or not self.disk.enabled:
+            return set()
+        return await trio.to_thread.run_sync(
+            lambda: {k for k in keys if self.disk.contains(k)}, limiter=self._disk_threads)
+
     def inflight(self, key: bytes) -> _Block | None:
         return self._inflight.get(key)
 

@@ -61,7 +61,9 @@ WALK_INITIAL_FILES = 8
 WALK_MAX_FILES = 512
 WALK_IDLE = 30.0  # a walk that sees no hit for this long ends
 MAX_WALKS = 4
-FILES_IN_FLIGHT = 64
+BATCH_FILES = 16  # files fetched together: their OPENs share a send, then their READs
+BATCH_REQUESTS = 64  # most READs and CLOSEs in one batch
+BATCHES_IN_FLIGHT = 4
 BULK_SLOTS = 128  # requests in flight on the prefetch channel
 
 
@@ -403,7 +405,8 @@ class DirPrefetcher:
         self.ra = ra
         self.walks: list[_Walk] = []
         self._last_in_dir: OrderedDict[bytes, bytes] = OrderedDict()  # dir -> last name opened
-        self._files = trio.Semaphore(FILES_IN_FLIGHT)
+        self._batches = trio.Semaphore(BATCHES_IN_FLIGHT)
+        self.files_prefetched = 0
         self.bulk = BulkChannel(ra)
 
     @property
@@ -452,10 +455,28 @@ class DirPrefetcher:
                 # The walk goes on into the sibling directories: list the parent now, so
                 # the lister's walk prefetch lists them (depth x RTT) before we get there.
                 n.start_soon(self._listing, parent_of(w.dir))
+            batch: list[tuple[bytes, Attrs]] = []
+            requests = 0
+
+            async def send_batch() -> None:
+                nonlocal requests
+                if batch:
+                    await self._batches.acquire()
+                    n.start_soon(self._fetch_batch, list(batch))
+                    batch.clear()
+                    requests = 0
+
             exhausted = False
             while True:
                 w.wake = trio.Event()
-                while not exhausted and len(w.expected) < w.window and w.bytes_ahead < budget:
+                # Refill in batches, not a file per file the program opens: a batch
+                # costs two sends whatever its size.
+                if w.window - len(w.expected) >= min(BATCH_FILES, w.window // 2) and \
+                        budget - w.bytes_ahead >= budget // 8:
+                    refill = True
+                else:
+                    refill = not w.expected
+                while refill and not exhausted and len(w.expected) < w.window and w.bytes_ahead < budget:
                     item = await anext(files, None)
                     if item is None:
                         exhausted = True
@@ -466,8 +487,12 @@ class DirPrefetcher:
                     w.expected[path] = size if fetch else 0
                     if fetch:
                         w.bytes_ahead += size
-                        await self._files.acquire()
-                        n.start_soon(self._fetch_file, path, a)
+                        cost = size // self.ra.max_read + 2  # READs (one past the end) and CLOSE
+                        if batch and (len(batch) >= BATCH_FILES or requests + cost > BATCH_REQUESTS):
+                            await send_batch()
+                        batch.append((path, a))
+                        requests += cost
+                await send_batch()
                 if not w.wake.is_set():
                     with trio.move_on_after(WALK_IDLE):
                         await w.wake.wait()
@@ -510,62 +535,96 @@ class DirPrefetcher:
             log.debug("prefetch: cannot list %r: %s", d, e)
             return []
 
-    async def _fetch_file(self, path: bytes, a: Attrs) -> None:
-        """Fetch a small file whole: OPEN, then READs and CLOSE together (2 round trips)."""
+    async def _fetch_batch(self, items: list[tuple[bytes, Attrs]]) -> None:
+        """Fetch small files whole, together: their OPENs in one send, then every READ
+        and CLOSE in one send (two round trips for the batch; at zero latency the
+        cost is per send, and one per file was most of a prefetch's CPU)."""
+        bc = self.ra.blocks
+        todo: list[tuple[bytes, Version, list]] = []  # path, version, (key, block or None)
         try:
-            v = await self.ra.version(path, a)
-            if v is None:
+            wanted: list[tuple[bytes, Version, list[bytes]]] = []
+            for path, a in items:
+                v = await self.ra.version(path, a)
+                if v is None:
+                    continue
+                keys = [v.block_key(i) for i in range(v.nblocks())]
+                if not any(bc.inflight(k) is not None for k in keys) and \
+                        not all(bc.available(k, disk=False) for k in keys):
+                    wanted.append((path, v, keys))
+            present = await bc.on_disk([k for _path, _v, keys in wanted for k in keys])
+            for path, v, keys in wanted:
+                if all(k in present or bc.available(k, disk=False) for k in keys) or \
+                        any(bc.inflight(k) is not None for k in keys):
+                    continue  # cached, or fetched by someone else meanwhile
+                todo.append((path, v, [(k, bc.begin(k)) for k in keys]))
+            if not todo:
                 return
-            bc = self.ra.blocks
-            keys = [v.block_key(i) for i in range(v.nblocks())]
-            if any(bc.inflight(k) is not None for k in keys) or all(bc.available(k) for k in keys):
-                return
-            blocks = [(k, bc.begin(k)) for k in keys]
-            try:
-                data = await self._read_whole(path, v.size)
+            contents = await self._read_files([(path, v.size) for path, v, _b in todo])
+            bs = bc.block_size
+            for (path, v, blocks), data in zip(todo, contents, strict=True):
                 if data is not None and len(data) == v.size:
-                    bs = bc.block_size
                     for i, (k, b) in enumerate(blocks):
-                        assert b is not None
-                        bc.complete(k, b, data[i * bs:(i + 1) * bs])
+                        if b is not None:
+                            bc.complete(k, b, data[i * bs:(i + 1) * bs])
+                    self.files_prefetched += 1
                 elif data is not None:
                     log.debug("prefetch: %r changed since listed (%d bytes, listed %d)",
                               path, len(data), v.size)
                     self.ra.vfs.meta.invalidate(path)  # an open asks the server then
-            finally:
+        except Exception as e:  # noqa: BLE001 - a failed prefetch only costs the reader a fetch
+            log.debug("prefetch of %d files from %r failed: %s", len(items), items[0][0], e)
+        finally:
+            for _path, _v, blocks in todo:
                 for k, b in blocks:
                     if b is not None and not b.event.is_set():
                         bc.fail(k, b)
-        except Exception as e:  # noqa: BLE001 - a failed prefetch only costs the reader a fetch
-            log.debug("prefetch of %r failed: %s", path, e)
-        finally:
-            self._files.release()
+            self._batches.release()
 
-    async def _read_whole(self, path: bytes, size: int) -> bytes | None:
-        """The file's bytes, asking one byte more than `size` to notice growth.
+    async def _read_files(self, files: list[tuple[bytes, int]]) -> list[bytes | None]:
+        """Each file's bytes (None if it cannot be read), asking one byte more than its
+        size to notice growth.
 
         Shielded from OPEN to CLOSE: a handle abandoned half way would stay
         open on the server, and a second CLOSE could hit a reused handle.
         (A dead link still ends it: the session times out.)
         """
         s, slots = await self.bulk.session()
+        m = self.ra.max_read
         with trio.CancelScope(shield=True):
-            async with slots.take(1):
-                h = await s.open(self.ra.vfs.rpath(path), p.FXF_READ)
-            m = self.ra.max_read
-            reads = [(p.FXP_READ, p.string(h), p.u64(off), p.u32(min(m, size + 1 - off)))
-                     for off in range(0, size + 1, m)]
-            async with slots.take(len(reads) + 1):
-                replies = await s.pipeline(*reads, (p.FXP_CLOSE, p.string(h)))
-        out = []
-        for rtype, r in replies[:-1]:
-            if rtype == p.FXP_DATA:
-                out.append(r.string())
-            elif rtype == p.FXP_STATUS and r.u32() == p.FX_EOF:
-                break
-            else:
-                return None
-        return b"".join(out)
+            opens = [(p.FXP_OPEN, p.string(self.ra.vfs.rpath(path)), p.u32(p.FXF_READ), p.Attrs().encode())
+                     for path, _size in files]
+            async with slots.take(len(opens)):
+                opened = await s.pipeline(*opens)
+            handles = [r.string() if rtype == p.FXP_HANDLE else None for rtype, r in opened]
+            reads: list[tuple] = []
+            spans: list[tuple[int, int]] = []  # per file: its READs in `reads`
+            for (_path, size), h in zip(files, handles, strict=True):
+                start = len(reads)
+                if h is not None:
+                    reads += [(p.FXP_READ, p.string(h), p.u64(off), p.u32(min(m, size + 1 - off)))
+                              for off in range(0, size + 1, m)]
+                spans.append((start, len(reads)))
+            closes = [(p.FXP_CLOSE, p.string(h)) for h in handles if h is not None]
+            if not closes:
+                return [None] * len(files)
+            async with slots.take(len(reads) + len(closes)):
+                replies = await s.pipeline(*reads, *closes)
+        return [_whole(replies[start:end]) for start, end in spans]
+
+
+def _whole(replies: list[tuple[int, p.Reader]]) -> bytes | None:
+    """A file's bytes from the replies to its READs; None if it could not be read."""
+    if not replies:
+        return None
+    chunks = []
+    for rtype, r in replies:
+        if rtype == p.FXP_DATA:
+            chunks.append(r.string())
+        elif rtype == p.FXP_STATUS and r.u32() == p.FX_EOF:
+            break
+        else:
+            return None
+    return b"".join(chunks)
 
 
 class BulkChannel:
