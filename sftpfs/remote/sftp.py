@@ -24,6 +24,7 @@ import trio
 
 from ..slots import Slots
 from . import protocol as p
+from .chanbuf import ChunkPipe
 from .errors import ConnectionLost, RequestTimeout, SftpError
 
 log = logging.getLogger(__name__)
@@ -502,6 +503,7 @@ def _check_status(rtype: int, r: p.Reader, path: bytes | None) -> None:
 def _open_channel(transport: paramiko.Transport, timeout: float) -> tuple[paramiko.Channel, int, dict]:
     """Blocking: open the sftp subsystem and exchange INIT/VERSION."""
     chan = transport.open_session(window_size=WINDOW_SIZE, max_packet_size=MAX_PACKET, timeout=timeout)
+    chan.in_buffer = ChunkPipe()  # nothing has arrived yet: the server starts with the subsystem
     chan.settimeout(timeout)
     chan.invoke_subsystem("sftp")
     chan.sendall(p.packet(p.FXP_INIT, None, p.u32(3)))
