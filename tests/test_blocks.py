@@ -333,8 +333,9 @@ class FakeRemoteFile:
         self.attrs = attrs
         self.opened = 0
 
-    async def read(self, offset: int, length: int) -> bytes:
-        return await self.src.read(offset, length)
+    async def read(self, offset: int, length: int, *, view: bool = False) -> bytes | memoryview:
+        data = await self.src.read(offset, length)
+        return memoryview(data) if view else data
 
     async def open(self) -> Attrs:
         self.opened += 1

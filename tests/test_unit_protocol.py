@@ -85,3 +85,15 @@ def test_split_packets_byte_by_byte() -> None:
         got, rest = p.split_packets(rest, wire[i : i + 1])
         out += [bytes(x) for x in got]
     assert out == bodies and rest == b""
+
+
+def test_string_view_is_the_string_without_a_copy():
+    buf = bytearray(p.string(b"hello") + p.string(b"world"))
+    r = p.Reader(memoryview(buf))
+    v = r.string_view()
+    assert isinstance(v, memoryview) and bytes(v) == b"hello"
+    assert r.string() == b"world" and r.at_end()
+    buf[4] = ord("j")  # a view: sees the buffer it came from
+    assert bytes(v) == b"jello"
+    with pytest.raises(ValueError):
+        p.Reader(b"\0\0\0\x09abc").string_view()

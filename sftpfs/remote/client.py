@@ -339,11 +339,11 @@ class RemoteFile:
             self._session, self._handle = s, handle
             return attrs
 
-    async def read(self, offset: int, length: int) -> bytes:
+    async def read(self, offset: int, length: int, *, view: bool = False) -> bytes | memoryview:
         for attempt in (1, 2):
             s, h = await self._open()
             try:
-                return await s.read(h, offset, length)
+                return await s.read(h, offset, length, view=view)
             except ConnectionLost:
                 if attempt == 2:
                     raise

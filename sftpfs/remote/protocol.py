@@ -170,6 +170,17 @@ class Reader:
         self.pos = end
         return v
 
+    def string_view(self) -> memoryview:
+        """A string without copying it: a view into the received data, for callers
+        that copy it on at once (holding it holds the whole receive buffer)."""
+        n = self.u32()
+        end = self.pos + n
+        if end > len(self.buf):
+            raise ValueError("truncated SFTP string")
+        v = memoryview(self.buf)[self.pos : end]
+        self.pos = end
+        return v
+
     def attrs(self) -> Attrs:
         flags = self.u32()
         a = Attrs()

@@ -319,11 +319,13 @@ class SftpSession:
     async def close_handle(self, handle: bytes) -> None:
         await self._status(p.FXP_CLOSE, p.string(handle))
 
-    async def read(self, handle: bytes, offset: int, length: int) -> bytes:
-        """Up to `length` bytes at `offset`; b"" at end of file."""
+    async def read(self, handle: bytes, offset: int, length: int, *,
+                   view: bool = False) -> bytes | memoryview:
+        """Up to `length` bytes at `offset`; b"" at end of file. With `view`, a view
+        into the received data (see Reader.string_view) instead of a copy."""
         rtype, r = await self.request(p.FXP_READ, p.string(handle), p.u64(offset), p.u32(length))
         if rtype == p.FXP_DATA:
-            return r.string()
+            return r.string_view() if view else r.string()
         if rtype == p.FXP_STATUS and r.u32() == p.FX_EOF:
             return b""
         r.pos = 5

@@ -341,6 +341,10 @@ def add_stats(directory: Path, delta: dict[str, int]) -> None:
 # --------------------------------------------------------------------- the cache
 
 
+def _first(item: tuple) -> object:
+    return item[0]
+
+
 class _Block:
     """A block being fetched: readers wait on `event`; `data` None means it failed."""
 
@@ -351,7 +355,7 @@ class _Block:
         self.data: bytes | None = None
 
 
-Source = Callable[[int, int], Awaitable[bytes]]  # read(offset, length) -> bytes (b"" at EOF)
+Source = Callable[[int, int], Awaitable[bytes | memoryview]]  # read(offset, length); b"" at EOF
 
 
 class BlockCache:
@@ -608,8 +612,9 @@ class BlockCache:
         first = blocks[0][0]
         start = first * bs
         end = min((blocks[-1][0] + 1) * bs, v.size)
-        buf = bytearray(end - start)
-        view = memoryview(buf)
+        # Each block is joined once from the replies' bytes (views into what arrived):
+        # one copy, no zero-filled buffer to fault in.
+        pieces: dict[int, list[tuple[int, bytes | memoryview]]] = {idx: [] for idx, _b in blocks}
         waiting = {idx: 0 for idx, _b in blocks}
         byidx = dict(blocks)
         reqs = [(off, min(max_read, end - off)) for off in range(start, end, max_read)]
@@ -619,6 +624,15 @@ class BlockCache:
         slots = self.demand_slots if demand else self.readahead_slots
         done: set[int] = set()
 
+        def place(pos: int, data: bytes | memoryview) -> None:
+            mv = memoryview(data)
+            while mv:
+                idx = pos // bs
+                part = mv[: (idx + 1) * bs - pos]
+                pieces[idx].append((pos, part))
+                pos += len(part)
+                mv = mv[len(part):]
+
         async def one(off: int, n: int) -> None:
             async with slots.take(1):
                 got = 0
@@ -626,14 +640,15 @@ class BlockCache:
                     data = await read(off + got, n - got)
                     if not data:
                         raise BlockUnavailable(f"end of file at {off + got}, expected {v.size}")
-                    view[off - start + got: off - start + got + len(data)] = data
+                    place(off + got, data if len(data) <= n - got else data[: n - got])
                     got += len(data)
             for idx in range(off // bs, (off + n - 1) // bs + 1):
                 waiting[idx] -= 1
                 if waiting[idx] == 0:
-                    lo = idx * bs - start
-                    self.complete(v.block_key(idx), byidx[idx],
-                                  bytes(view[lo: lo + v.block_len(idx, bs)]), v.persist)
+                    block = b"".join(part for _pos, part in sorted(pieces.pop(idx), key=_first))
+                    if len(block) != v.block_len(idx, bs):
+                        raise BlockUnavailable(f"block {idx} of {v.path!r}: {len(block)} bytes")
+                    self.complete(v.block_key(idx), byidx[idx], block, v.persist)
                     done.add(idx)
 
         self._fetching += 1

@@ -49,7 +49,7 @@ class OpenFile:
         """The file's attributes through this handle (it may be unlinked)."""
         return await self.remote.fstat()
 
-    async def read(self, offset: int, size: int) -> bytes:
+    async def read(self, offset: int, size: int) -> bytes | memoryview:
         if self.reader is not None:
             self._raise_error()
             return await self.reader.read(offset, size)

@@ -234,11 +234,11 @@ class Reader:
     def _source(self, v: Version):
         """The server reads of fetch runs for `v`: never into `v` if the file is not `v`."""
 
-        async def read(offset: int, length: int) -> bytes:
+        async def read(offset: int, length: int) -> bytes | memoryview:
             await self._verify()
             if self.version is not v or self.bypass:
                 raise BlockUnavailable(f"{v.path!r} is not the version being fetched")
-            return await self.file.remote.read(offset, length)
+            return await self.file.remote.read(offset, length, view=True)  # copied into a block
 
         return read
 
@@ -273,7 +273,7 @@ class Reader:
                     self.version = nv
             self.verified = True
 
-    async def read(self, offset: int, size: int) -> bytes:
+    async def read(self, offset: int, size: int) -> bytes | memoryview:
         f = self.file
         for _attempt in range(3):
             dirty = self.ra.dirty(f.path)
@@ -304,7 +304,7 @@ class Reader:
                 return await f.read_direct(offset, size)
         return await f.read_direct(offset, size)
 
-    async def _cached(self, v: Version, offset: int, size: int) -> bytes | None:
+    async def _cached(self, v: Version, offset: int, size: int) -> bytes | memoryview | None:
         """The bytes from blocks (fetched if needed); None: read directly instead."""
         end = min(offset + size, v.size)
         bs = self.bc.block_size
@@ -333,9 +333,10 @@ class Reader:
                 return None
             parts.append(data)
         lo = offset - first * bs
-        if len(parts) == 1:
-            return parts[0][lo: lo + end - offset]
-        return b"".join(parts)[lo: lo + end - offset]
+        whole = parts[0] if len(parts) == 1 else b"".join(parts)
+        if lo == 0 and end - offset == len(whole):
+            return whole
+        return memoryview(whole)[lo: lo + end - offset]  # the kernel copies it: no copy here
 
     def _sequential(self, offset: int, end: int) -> bool:
         """Track the access pattern: a read near the last one widens the window."""
