@@ -59,6 +59,7 @@ CLOSE_SETTLE = 0.05  # seconds between the last close of a written file and its 
 EAGER_BYTES = 4 << 20  # dirty bytes of one file that start its upload without waiting
 SCHEDULE_WINDOW = 384  # unfinished ops looked at per scheduling pass (parallel is 48)
 WRITES_AHEAD = 32  # WRITE requests in flight per uploading file
+SPARE_FILES = 64  # empty data files kept for reuse: creating one costs 0.1-0.4 ms on ext4
 
 
 async def _settle(status, first_error: BaseException | None) -> BaseException | None:
@@ -274,6 +275,11 @@ class WriteBack:
         self._dirty_bytes = 0
         self.uploaded_bytes = 0
         self.owner: tuple[int | None, int | None] | None = None
+        # Data files of finished uploads, emptied, named data/spare-N, fds open: a new
+        # dirty file takes one with a rename instead of creating a file.
+        self._spare: list[tuple[int, str]] = []
+        self._spare_serial = 0
+        self._drop_spares()
         self._recover()
 
     # ---- recording changes (trio thread; each returns after the journal has it) -----------
@@ -354,7 +360,10 @@ class WriteBack:
     def _new_file(self, path: bytes, *, new: bool, base, size: int) -> DirtyFile:
         fid = self._next_file
         self._next_file += 1
-        fd = os.open(self.dir / "data" / str(fid), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        name = self.dir / "data" / str(fid)
+        fd = self._take_spare(name)
+        if fd is None:
+            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         os.ftruncate(fd, size)
         f = DirtyFile(fid, path, new, base, size, fd, int(time.time()))
         self.journal.append({"f": fid, "path": _enc(path), "new": new,
@@ -683,9 +692,52 @@ class WriteBack:
         self.files.pop(f.id, None)
         if f.path is not None and self.by_path.get(f.path) is f:
             del self.by_path[f.path]
-        os.close(f.fd)
-        (self.dir / "data" / str(f.id)).unlink(missing_ok=True)
+        self._recycle(f)
         self.journal.append({"gone": f.id})
+
+    def _recycle(self, f: DirtyFile) -> None:
+        """Empty a finished file's data file and keep it for the next new file.
+
+        The rename comes first: from then on a restart finds no data/<id>,
+        exactly as if it had been deleted (a restart deletes spares).
+        """
+        data = self.dir / "data"
+        if len(self._spare) < SPARE_FILES:
+            self._spare_serial += 1
+            spare = f"spare-{self._spare_serial}"
+            try:
+                os.rename(data / str(f.id), data / spare)
+            except OSError:
+                pass
+            else:
+                try:
+                    os.ftruncate(f.fd, 0)
+                except OSError:
+                    os.close(f.fd)
+                    (data / spare).unlink(missing_ok=True)
+                    return
+                self._spare.append((f.fd, spare))
+                return
+        os.close(f.fd)
+        (data / str(f.id)).unlink(missing_ok=True)
+
+    def _take_spare(self, name: Path) -> int | None:
+        """An empty spare data file renamed to `name`, open; None if there is none."""
+        while self._spare:
+            fd, spare = self._spare.pop()
+            try:
+                os.rename(self.dir / "data" / spare, name)
+                return fd
+            except OSError:
+                os.close(fd)
+        return None
+
+    def _drop_spares(self) -> None:
+        for fd, _name in self._spare:
+            os.close(fd)
+        self._spare.clear()
+        for spare in (self.dir / "data").glob("spare-*"):
+            spare.unlink(missing_ok=True)
 
     # ---- applying ops on the server ------------------------------------------------------
 
@@ -1028,3 +1080,7 @@ class WriteBack:
         self.journal.close()
         for f in self.files.values():
             os.close(f.fd)
+        try:
+            self._drop_spares()
+        except OSError:  # the cache directory is gone: nothing to tidy
+            pass
