@@ -37,7 +37,7 @@ import shutil
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -434,6 +434,16 @@ class BlockCache:
             return set()
         return await trio.to_thread.run_sync(
             lambda: {k for k in keys if self.disk.contains(k)}, limiter=self._disk_threads)
+
+    @contextlib.contextmanager
+    def fetching(self) -> Iterator[None]:
+        """Blocks are arriving (a fetch outside `fetch`, like the directory
+        prefetcher's): the disk writer waits for a pause, as for fetch runs."""
+        self._fetching += 1
+        try:
+            yield
+        finally:
+            self._fetching -= 1
 
     def inflight(self, key: bytes) -> _Block | None:
         return self._inflight.get(key)

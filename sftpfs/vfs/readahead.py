@@ -560,7 +560,8 @@ class DirPrefetcher:
                 todo.append((path, v, [(k, bc.begin(k)) for k in keys]))
             if not todo:
                 return
-            contents = await self._read_files([(path, v.size) for path, v, _b in todo])
+            with bc.fetching():
+                contents = await self._read_files([(path, v.size) for path, v, _b in todo])
             bs = bc.block_size
             for (path, v, blocks), data in zip(todo, contents, strict=True):
                 if data is not None and len(data) == v.size:
