@@ -47,10 +47,14 @@ SHT_RELA, SHT_DYNSYM = 4, 11
 PT_LOAD, PT_GNU_RELRO = 1, 0x6474E552
 
 _ReplyOpen = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+# The real function is called holding the GIL, as pyfuse3 calls it: released, another
+# thread (paramiko's, a disk writer) may keep it for a switch interval (5 ms) before
+# this request's reply goes out.
+_ReplyOpenHoldingGil = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
 
 active = False
 _pending = 0
-_real: _ReplyOpen | None = None
+_real: _ReplyOpenHoldingGil | None = None
 _hook: _ReplyOpen | None = None  # kept alive for as long as the process runs
 
 
@@ -125,7 +129,7 @@ def _install() -> str | None:
     size = _mapped_size(elf)
     if current != real and not (base <= (current or 0) < base + size):
         return "unexpected GOT contents"
-    _real = _ReplyOpen(real)
+    _real = _ReplyOpenHoldingGil(real)
     _hook = _ReplyOpen(_reply_open)
     hook_addr = ctypes.cast(_hook, ctypes.c_void_p).value
     if relro and relro[0] <= slot_off < relro[1]:
