@@ -39,6 +39,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from operator import itemgetter
 from pathlib import Path
 
 import trio
@@ -339,10 +340,6 @@ def add_stats(directory: Path, delta: dict[str, int]) -> None:
 
 
 # --------------------------------------------------------------------- the cache
-
-
-def _first(item: tuple) -> object:
-    return item[0]
 
 
 class _Block:
@@ -655,7 +652,7 @@ class BlockCache:
             for idx in range(off // bs, (off + n - 1) // bs + 1):
                 waiting[idx] -= 1
                 if waiting[idx] == 0:
-                    block = b"".join(part for _pos, part in sorted(pieces.pop(idx), key=_first))
+                    block = b"".join(part for _pos, part in sorted(pieces.pop(idx), key=itemgetter(0)))
                     if len(block) != v.block_len(idx, bs):
                         raise BlockUnavailable(f"block {idx} of {v.path!r}: {len(block)} bytes")
                     self.complete(v.block_key(idx), byidx[idx], block, v.persist)
