@@ -611,6 +611,25 @@ def test_resolve_command_line_wins(config_file):
     assert ssh.resolve(opts).user == "dave"
 
 
+def test_match_exec_works_though_invoke_is_left_out_at_start_up(tmp_path):
+    # sftpfs keeps paramiko from importing invoke (80 ms of start-up) until a
+    # config has a `Match exec`: a fresh interpreter, as a mount has.
+    config = tmp_path / "config"
+    config.write_text('Match exec "test 1 = 1"\n    Port 2201\n'
+                      'Match exec "false"\n    User nobody-should-see-this\n')
+    code = (
+        "import sys\n"
+        "from sftpfs.remote import ssh\n"
+        "import paramiko.config\n"
+        "assert 'invoke' not in sys.modules and paramiko.config.invoke is None\n"
+        "t = ssh.resolve(ssh.SshOptions('h', user='u', config_file=sys.argv[1]))\n"
+        "print(t.port, t.user)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(config)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["2201", "u"]
+
+
 def test_resolve_patterns_and_defaults(config_file):
     assert ssh.resolve(SshOptions("x.example.org", config_file=config_file)) == Target(
         "x.example.org", 22, "bob", "x.example.org")

@@ -181,10 +181,28 @@ def _lookup_config(opts: SshOptions, name: str, user: str | None) -> paramiko.SS
     """Command-line settings parsed ahead of the config file: first value wins."""
     text = "\n".join(_cmdline_lines(opts, user)) + "\n" + _read_config(opts.config_file)
     where = f"ssh config {opts.config_file}" if opts.config_file else "ssh options"
+    if _MATCH_EXEC.search(text):
+        allow_match_exec()
     try:
         return paramiko.SSHConfig.from_text(text).lookup(name)
     except (paramiko.SSHException, ValueError, OSError) as e:
         raise SshError(f"bad {where}: {_one_line(e)}") from None
+
+
+_MATCH_EXEC = re.compile(r"^\s*match\b.*\bexec\b", re.IGNORECASE | re.MULTILINE)
+
+
+def allow_match_exec() -> None:
+    """Give paramiko the `invoke` module it runs ``Match exec`` commands with
+    (left out at start-up: see sftpfs/remote/__init__.py)."""
+    import paramiko.config
+
+    if paramiko.config.invoke is None:
+        try:
+            import invoke
+        except ImportError:
+            return  # paramiko says so when it meets the Match exec
+        paramiko.config.invoke, paramiko.config.invoke_import_error = invoke, None
 
 
 def _cmdline_lines(opts: SshOptions, user: str | None) -> list[str]:
