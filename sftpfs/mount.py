@@ -24,6 +24,7 @@ from .control import ControlHandler, LabelledHandler, ReadOnlyHandler, control_p
 from .fs import Operations, Presentation
 from .options import MountConfig
 from .remote.client import Remote
+from .remote.protocol import Attrs
 from .remote.sftp import SftpSession
 from .remote.ssh import SshError, Target, connect
 from .vfs.readahead import ReadOptions
@@ -71,7 +72,7 @@ def check_fuse_device() -> None:
         raise MountError(f"cannot open {FUSE_DEVICE}: {e.strerror}") from None
 
 
-async def open_remote(cfg: MountConfig) -> tuple[Remote, bytes, Target]:
+async def open_remote(cfg: MountConfig) -> tuple[Remote, bytes, Attrs, Target]:
     """Connect and resolve the remote root; errors become MountError."""
     ssh_opts = cfg.ssh
     targets: list[Target] = []
@@ -92,15 +93,14 @@ async def open_remote(cfg: MountConfig) -> tuple[Remote, bytes, Target]:
     remote = Remote(new_session, session)
     want = cfg.remote_path or "."
     try:
-        root = await remote.realpath(os.fsencode(want))
-        a = await remote.stat(root)
+        root, a = await remote.realpath_and_stat(os.fsencode(want))
     except OSError as e:
         if e.errno == errno.ENOENT:
             raise MountError(f"remote path '{want}' does not exist on {cfg.host}") from None
         raise MountError(f"remote path '{want}' on {cfg.host}: {e.strerror}") from None
     if not a.is_dir:
         raise MountError(f"remote path '{want}' on {cfg.host} is not a directory")
-    return remote, root, targets[0]
+    return remote, root, a, targets[0]
 
 
 def cache_dir_for(cfg: MountConfig, target: Target, root: bytes) -> Path:
@@ -113,12 +113,13 @@ def cache_dir_for(cfg: MountConfig, target: Target, root: bytes) -> Path:
 
 
 async def serve(cfg: MountConfig, ready: Callable[[], None]) -> None:
-    remote, root, target = await open_remote(cfg)
+    remote, root, root_attrs, target = await open_remote(cfg)
     cache_dir = cache_dir_for(cfg, target, root)
     vfs = Vfs(remote, root, meta_ttl=cfg.cache_timeout, readonly=cfg.readonly, cache_dir=cache_dir,
               max_stale=cfg.cache_max_stale, prefetch=cfg.prefetch,
               reads=ReadOptions(cache_size=cfg.cache_size, readahead_max=cfg.readahead_max,
                                 small_file=cfg.small_file))
+    vfs.meta.put_attrs(b"", root_attrs)  # the first stat of the mount costs no round trip
     if cfg.writeback and not cfg.readonly:
         await _enable_writeback(cfg, vfs, cache_dir)
     show = Presentation(attr_timeout=cfg.attr_timeout, entry_timeout=cfg.entry_timeout,

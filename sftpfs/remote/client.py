@@ -108,6 +108,9 @@ class Remote:
     async def realpath(self, path: bytes) -> bytes:
         return await self._retrying("realpath", path)
 
+    async def realpath_and_stat(self, path: bytes) -> tuple[bytes, p.Attrs]:
+        return await self._retrying("realpath_and_stat", path)
+
     async def lstat(self, path: bytes) -> p.Attrs:
         return await self._retrying("lstat", path)
 

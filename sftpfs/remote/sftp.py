@@ -77,15 +77,25 @@ class SftpSession:
         self = cls(chan, version, exts, request_timeout=request_timeout, max_inflight=max_inflight)
         self._writer.start()
         trio.lowlevel.spawn_system_task(self._read_loop, name="sftp-reader")
+        log.debug("SFTP v%d, extensions %s", version, sorted(k.decode(errors="replace") for k in exts))
         if self.has(b"limits@openssh.com"):
-            lim = p.Limits.decode(await self._extended(b"limits@openssh.com"))
-            # Leave room for the packet header in the server's max packet length.
-            cap = max(DEFAULT_IO_SIZE, (lim.max_packet or 2**18) - 1024)
-            self.max_read = min(lim.max_read or cap, cap)
-            self.max_write = min(lim.max_write or cap, cap)
-        log.debug("SFTP v%d, extensions %s, read %d, write %d", version,
-                  sorted(k.decode(errors="replace") for k in exts), self.max_read, self.max_write)
+            # Not awaited: it is answered along with the session's first requests
+            # (a mount's realpath and stat) instead of costing a round trip of its own.
+            # Until then I/O goes in DEFAULT_IO_SIZE pieces, which every server takes.
+            trio.lowlevel.spawn_system_task(self._read_limits, name="sftp-limits")
         return self
+
+    async def _read_limits(self) -> None:
+        try:
+            lim = p.Limits.decode(await self._extended(b"limits@openssh.com"))
+        except Exception as e:  # noqa: BLE001 - without them the default sizes stay
+            log.debug("limits@openssh.com failed: %s", e)
+            return
+        # Leave room for the packet header in the server's max packet length.
+        cap = max(DEFAULT_IO_SIZE, (lim.max_packet or 2**18) - 1024)
+        self.max_read = min(lim.max_read or cap, cap)
+        self.max_write = min(lim.max_write or cap, cap)
+        log.debug("SFTP I/O sizes: read %d, write %d", self.max_read, self.max_write)
 
     def has(self, ext: bytes) -> bool:
         return ext in self.extensions
@@ -292,6 +302,21 @@ class SftpSession:
 
     async def stat(self, path: bytes) -> p.Attrs:
         return (await self._expect(p.FXP_ATTRS, p.FXP_STAT, p.string(path), path=path)).attrs()
+
+    async def realpath_and_stat(self, path: bytes) -> tuple[bytes, p.Attrs]:
+        """The canonical path and the attributes it leads to, in one round trip."""
+        (t1, r1), (t2, r2) = await self.pipeline((p.FXP_REALPATH, p.string(path)),
+                                                 (p.FXP_STAT, p.string(path)))
+        if t1 != p.FXP_NAME:
+            _check_status(t1, r1, path)
+            raise SftpError(p.FX_BAD_MESSAGE, f"unexpected reply type {t1}", path)
+        if r1.u32() < 1:
+            raise SftpError(p.FX_BAD_MESSAGE, "empty REALPATH reply", path)
+        real = r1.string()
+        if t2 != p.FXP_ATTRS:
+            _check_status(t2, r2, path)
+            raise SftpError(p.FX_BAD_MESSAGE, f"unexpected reply type {t2}", path)
+        return real, r2.attrs()
 
     async def lstat(self, path: bytes) -> p.Attrs:
         return (await self._expect(p.FXP_ATTRS, p.FXP_LSTAT, p.string(path), path=path)).attrs()
