@@ -315,9 +315,12 @@ def test_unreadable_files_in_a_prefetch_batch_spoil_only_themselves(sftp_server,
         (src / name).chmod(0)
     cache = tmp_path / "cache"
     mnt = mount(opts=(f"cache_dir={cache}",))
-    for name in ("f00", "f01"):  # two files in name order: the prefetcher takes the rest
+    # Two files read in name order start the prefetcher; each further one it predicted
+    # doubles its window (8, 16, 32, 64 files: all 40). Pauses let every batch finish
+    # before the next read, so that no read below races it.
+    for name in ("f00", "f01", "f02", "f03", "f04"):
         (mnt / "tree" / name).read_bytes()
-    time.sleep(1)  # let it finish, so that no read below races it
+        time.sleep(0.5)
     dest = tmp_path / "copy"
     r = subprocess.run(["rsync", "-rlt", f"{mnt}/tree/", f"{dest}/"], capture_output=True, text=True)
     assert r.returncode == 23, r.stderr  # "some files could not be transferred"
@@ -326,7 +329,7 @@ def test_unreadable_files_in_a_prefetch_batch_spoil_only_themselves(sftp_server,
     assert sorted(p.name for p in dest.iterdir()) == [p.name for p in readable]
     for p in readable:
         assert (dest / p.name).read_bytes() == p.read_bytes(), p.name
-    # All but the first two (which started the walk) came from the prefetcher.
+    # All but the two that started the walk came from the prefetcher.
     assert stats(mount, sftpfs_env, mnt)["files_prefetched"] == len(readable) - 2
     mount.unmount(mnt)
     assert read_stats(blocks_dir(cache))["fetched_bytes"] == sum(p.stat().st_size for p in readable)
