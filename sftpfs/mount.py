@@ -1,8 +1,8 @@
-"""Mount lifecycle: check, connect, mount, serve until unmounted.
+"""Mount lifecycle: connect, mount, serve until unmounted.
 
-Every failure before the mount is up is a MountError whose text is the one
-line the user sees. `ready` is called once the kernel mount exists, so the
-command line can detach only when the mount is usable.
+Every failure before the mount is up is a MountError (see preflight.py) whose
+text is the one line the user sees. `ready` is called once the kernel mount
+exists, so the command line can detach only when the mount is usable.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import logging
 import os
 import shutil
 import signal
-import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,7 +22,9 @@ from . import openreply, runtime
 from .control import ControlHandler, LabelledHandler, ReadOnlyHandler, control_path, serve_control
 from .fs import Operations, Presentation
 from .options import MountConfig
+from .preflight import MountError
 from .remote.client import Remote
+from .remote.handshake import Handshake
 from .remote.protocol import Attrs
 from .remote.sftp import SftpSession
 from .remote.ssh import SshError, Target, connect
@@ -32,55 +33,23 @@ from .vfs.vfs import Vfs
 
 log = logging.getLogger(__name__)
 
-FUSE_DEVICE = "/dev/fuse"
-
-
-class MountError(Exception):
-    """Mounting failed; str() is a one-line message for the user."""
-
-
-def check_mountpoint(cfg: MountConfig) -> None:
-    mp = cfg.mountpoint
-    try:
-        st = os.stat(mp)
-    except FileNotFoundError:
-        raise MountError(f"mount point {mp} does not exist") from None
-    except OSError as e:
-        if e.errno == errno.ENOTCONN:
-            raise MountError(f"mount point {mp} is a dead sftpfs mount; "
-                             f"clear it with: fusermount3 -u {mp}") from None
-        raise MountError(f"mount point {mp}: {e.strerror}") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise MountError(f"mount point {mp} is not a directory")
-    if runtime.is_mounted(mp):
-        raise MountError(f"{mp} is already a mount point")
-    if not cfg.nonempty and any(os.scandir(mp)):
-        raise MountError(f"mount point {mp} is not empty (use -o nonempty to mount over it)")
-
-
-def check_fuse_device() -> None:
-    try:
-        st = os.stat(FUSE_DEVICE)
-    except FileNotFoundError:
-        raise MountError(f"{FUSE_DEVICE} does not exist: load the fuse kernel module "
-                         f"(modprobe fuse) or, in a container, pass the device in") from None
-    if not stat.S_ISCHR(st.st_mode) or st.st_rdev != os.makedev(10, 229):
-        raise MountError(f"{FUSE_DEVICE} is not the FUSE device")
-    try:
-        os.close(os.open(FUSE_DEVICE, os.O_RDWR))
-    except OSError as e:
-        raise MountError(f"cannot open {FUSE_DEVICE}: {e.strerror}") from None
-
-
-async def open_remote(cfg: MountConfig) -> tuple[Remote, bytes, Attrs, Target]:
-    """Connect and resolve the remote root; errors become MountError."""
+async def open_remote(cfg: MountConfig, handshake: Handshake | None = None
+                      ) -> tuple[Remote, bytes, Attrs, Target]:
+    """Connect (or finish `handshake`, begun with cfg.ssh) and resolve the remote
+    root; errors become MountError."""
     ssh_opts = cfg.ssh
     targets: list[Target] = []
 
     async def new_session() -> SftpSession:
-        transport, target = await trio.to_thread.run_sync(connect, ssh_opts)
+        nonlocal handshake
+        channel = None
+        if handshake is not None:
+            first, handshake = handshake, None
+            transport, target, channel = await trio.to_thread.run_sync(first.result)
+        else:
+            transport, target = await trio.to_thread.run_sync(connect, ssh_opts)
         targets.append(target)
-        return await SftpSession.start(transport, request_timeout=cfg.timeout)
+        return await SftpSession.start(transport, request_timeout=cfg.timeout, channel=channel)
 
     try:
         session = await new_session()
@@ -112,8 +81,9 @@ def cache_dir_for(cfg: MountConfig, target: Target, root: bytes) -> Path:
         raise MountError(f"cache directory {base}: {e.strerror or e}") from None
 
 
-async def serve(cfg: MountConfig, ready: Callable[[], None]) -> None:
-    remote, root, root_attrs, target = await open_remote(cfg)
+async def serve(cfg: MountConfig, ready: Callable[[], None],
+                handshake: Handshake | None = None) -> None:
+    remote, root, root_attrs, target = await open_remote(cfg, handshake)
     cache_dir = cache_dir_for(cfg, target, root)
     vfs = Vfs(remote, root, meta_ttl=cfg.cache_timeout, readonly=cfg.readonly, cache_dir=cache_dir,
               max_stale=cfg.cache_max_stale, prefetch=cfg.prefetch,

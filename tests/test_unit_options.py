@@ -49,3 +49,24 @@ def test_cache_no_zeroes_every_timeout():
 def test_bad_options_are_errors(opt):
     with pytest.raises(OptionError):
         build_config("h:", "/m", options=[opt])
+
+
+def test_mountpoint_checked_before_connecting(monkeypatch, tmp_path):
+    """The daemon starts the SSH handshake early (while it imports the rest), but
+    never before the mount point is known to be good: a typo must not cost a
+    password prompt or a connect time-out."""
+    from sftpfs import cli
+    from sftpfs.remote import handshake
+
+    started = []
+    monkeypatch.setattr(handshake, "Handshake", lambda *a: started.append(a))
+    failed = []
+
+    class Notify(cli._Notify):
+        def failed(self, message: str) -> None:
+            failed.append(message)
+
+    cfg = build_config("user@host:/x", str(tmp_path / "no-such-mountpoint"))
+    assert cli._run(cfg, Notify()) == 1
+    assert started == [], "the handshake started although the mount point is missing"
+    assert len(failed) == 1 and "does not exist" in failed[0]

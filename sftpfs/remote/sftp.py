@@ -24,13 +24,11 @@ import trio
 
 from ..slots import Slots
 from . import protocol as p
-from .chanbuf import ChunkPipe
+from .channel import WINDOW_SIZE, SftpChannel, open_sftp_channel
 from .errors import ConnectionLost, RequestTimeout, SftpError
 
 log = logging.getLogger(__name__)
 
-WINDOW_SIZE = 64 * 2**20  # bytes the server may send before we ack: covers many reads in flight
-MAX_PACKET = 2**18
 DEFAULT_IO_SIZE = 32768  # what every SFTP server accepts; raised by limits@openssh.com
 READDIR_AHEAD = 8  # most READDIRs in flight per listing (OpenSSH answers them in order)
 
@@ -72,8 +70,11 @@ class SftpSession:
 
     @classmethod
     async def start(cls, transport: paramiko.Transport, *, request_timeout: float = 30.0,
-                    max_inflight: int = 256) -> SftpSession:
-        chan, version, exts = await trio.to_thread.run_sync(_open_channel, transport, request_timeout)
+                    max_inflight: int = 256, channel: SftpChannel | None = None) -> SftpSession:
+        """`channel`: one already set up on `transport` (see handshake.py)."""
+        if channel is None:
+            channel = await trio.to_thread.run_sync(open_sftp_channel, transport, request_timeout)
+        chan, version, exts = channel
         self = cls(chan, version, exts, request_timeout=request_timeout, max_inflight=max_inflight)
         self._writer.start()
         trio.lowlevel.spawn_system_task(self._read_loop, name="sftp-reader")
@@ -525,33 +526,6 @@ def _check_status(rtype: int, r: p.Reader, path: bytes | None) -> None:
     except Exception:  # noqa: BLE001 - the message is optional in practice
         pass
     raise SftpError(code, msg, path)
-
-
-def _open_channel(transport: paramiko.Transport, timeout: float) -> tuple[paramiko.Channel, int, dict]:
-    """Blocking: open the sftp subsystem and exchange INIT/VERSION."""
-    chan = transport.open_session(window_size=WINDOW_SIZE, max_packet_size=MAX_PACKET, timeout=timeout)
-    chan.in_buffer = ChunkPipe()  # nothing has arrived yet: the server starts with the subsystem
-    chan.settimeout(timeout)
-    chan.invoke_subsystem("sftp")
-    chan.sendall(p.packet(p.FXP_INIT, None, p.u32(3)))
-    header = _recv_exact(chan, 4)
-    body = _recv_exact(chan, int.from_bytes(header, "big"))
-    if body[0] != p.FXP_VERSION:
-        raise ConnectionLost(f"server did not start SFTP (got packet type {body[0]})")
-    version, exts = p.parse_version(body[1:])
-    chan.settimeout(None)
-    return chan, version, exts
-
-
-def _recv_exact(chan: paramiko.Channel, n: int) -> bytes:
-    out = bytearray()
-    while len(out) < n:
-        data = chan.recv(n - len(out))
-        if not data:
-            raise ConnectionLost("server closed the channel during SFTP setup "
-                                 "(is the sftp subsystem enabled?)")
-        out += data
-    return bytes(out)
 
 
 def valid_names(entries: Iterable[tuple[bytes, bytes | None, p.Attrs]]):
