@@ -304,11 +304,13 @@ def _wait_exit(pid: int, timeout: float) -> None:
     while time.monotonic() < deadline:
         try:
             os.kill(pid, 0)
-        except ProcessLookupError:
-            return
         except PermissionError:
             return  # not ours (a stale pid file)
-        time.sleep(0.05)
+        except ProcessLookupError:
+            return
+        if runtime.has_exited(pid):
+            return
+        time.sleep(0.01)
 
 
 if __name__ == "__main__":

@@ -92,3 +92,21 @@ def mounts() -> list[tuple[bytes, bytes, bytes]]:
 def is_mounted(mountpoint: Path, fstype_prefix: bytes = b"") -> bool:
     target = canonical(mountpoint)
     return any(mp == target and t.startswith(fstype_prefix) for _s, mp, t in mounts())
+
+
+def has_exited(pid: int) -> bool:
+    """Whether process `pid` is gone or a zombie. A daemon's zombie waits for PID 1
+    to reap it, which some inits do late (a second and more) and a container's
+    shell-less init may never do: the process has exited all the same."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0] in (b"Z", b"X")
+    except (OSError, IndexError):
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False

@@ -189,6 +189,41 @@ def test_dead_daemon(mount, run_sftpfs, sftpfs_env):
     assert not is_mounted(mnt)
 
 
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rpartition(")")[2].split()[0]
+
+
+def test_unmount_does_not_wait_for_the_reaper(mount, sftpfs_env):
+    """The daemon is a zombie once it has exited, until its new parent (PID 1)
+    reaps it; an init may take seconds, a container's may never. Here this test
+    is that parent and does not reap: `sftpfs unmount` must return all the same."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    PR_SET_CHILD_SUBREAPER = 36
+    assert libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0, os.strerror(ctypes.get_errno())
+    pid = None
+    try:
+        mnt = mount()
+        pid = int(_control_path(sftpfs_env, mnt).with_suffix(".pid").read_text())
+        t0 = time.monotonic()
+        mount.unmount(mnt, timeout=30)
+        elapsed = time.monotonic() - t0
+        assert _state(pid) == "Z", "the daemon should have exited, unreaped"
+        assert elapsed < 10, f"unmount took {elapsed:.1f} s"
+    finally:
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+        if pid is not None:
+            for _ in range(300):  # reap it, once it has exited
+                try:
+                    if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                        break
+                except ChildProcessError:
+                    break
+                time.sleep(0.1)
+
+
 def test_sync_dir_is_a_barrier(mount, run_sftpfs, remote_dir):
     """`sync DIR` (coreutils: fsync of the directory) flushes everything below it,
     as the README says; `sync -f` would not reach a FUSE file system at all."""
