@@ -364,7 +364,8 @@ class WriteBack:
         fd = self._take_spare(name)
         if fd is None:
             fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.ftruncate(fd, size)
+        if size:  # a spare is as empty as a new file
+            os.ftruncate(fd, size)
         f = DirtyFile(fid, path, new, base, size, fd, int(time.time()))
         self.journal.append({"f": fid, "path": _enc(path), "new": new,
                              "base": list(base) if base else None, "size": size})
