@@ -12,10 +12,11 @@
   for directories in the foreground. A tree walk then costs about depth ×
   round trip, not directories × round trip. Prefetch never takes a request
   slot a foreground listing is waiting for: it has its own small limit.
-* Warm-up: at mount the root is listed and the walk prefetch runs for
-  WARM_UP seconds as if a walker had come. What comes first after a mount
-  (ls, a file manager, find, rsync) starts at the root, and finds the first
-  levels listed or on their way.
+* Warm-up: at mount the root is listed, in the background: what comes first
+  after a mount (ls, a file manager, find, rsync) starts there. Nothing below
+  it is listed until a program walks: a 1 s walk at mount did not make a cold
+  find at 40 ms faster (it starts at once and drives its own walk), and on a
+  fast link it cost a file read right after the mount 50 ms.
 * Persistence: changed listings are written to the metastore every few
   seconds and at unmount.
 """
@@ -36,7 +37,6 @@ log = logging.getLogger(__name__)
 
 FLUSH_INTERVAL = 2.0
 WALKER_IDLE = 5.0  # seconds without foreground listings after which prefetch pauses
-WARM_UP = 1.0  # seconds of walk prefetch the mount starts by itself, from the root
 
 ListFn = Callable[[bytes], Awaitable[list[tuple[bytes, p.Attrs]]]]
 ChangeFn = Callable[[bytes, list[bytes]], None]
@@ -157,11 +157,9 @@ class Lister:
     # ---- background ---------------------------------------------------------------
 
     def warm_up(self, root: bytes = b"") -> None:
-        """List `root` now and walk on below it for WARM_UP seconds (off with prefetch=0)."""
+        """List `root` now, in the background (off with prefetch=0)."""
         if not self._prefetch_workers or self._nursery is None:
             return
-        self._last_foreground = max(self._last_foreground,
-                                    trio.current_time() - WALKER_IDLE + WARM_UP)
         self._nursery.start_soon(self._warm_root, root)
 
     async def _warm_root(self, root: bytes) -> None:
