@@ -64,65 +64,99 @@ class TreeComparer:
     directories; directory mtimes can be left out, to tell "the data is there" from
     "everything is right"). Modes are not compared: rsync -rlt does not preserve them.
 
-    Polled repeatedly while a system uploads in the background, so file contents
-    already found equal are not read again while their (size, mtime, ctime, inode)
-    on the destination stay the same.
+    Polled repeatedly while a system uploads in the background, and the poll waits
+    4× a comparison's cost between two, so a comparison must be cheap: the source
+    (which does not change) is read once; the destination costs one listing per
+    directory and one lstat per entry; file contents already found equal are not
+    read again while their (size, mtime, ctime, inode) on the destination stay the
+    same.
     """
 
     def __init__(self, src: Path, dst: Path, mtimes: bool = True):
         self.src, self.dst, self.mtimes = Path(src), Path(dst), mtimes
         self._equal: dict[str, tuple] = {}
+        self._source: list[tuple[str, int, list[str], dict[str, os.stat_result]]] | None = None
+
+    def _scan_source(self) -> list[tuple[str, int, list[str], dict[str, os.stat_result]]]:
+        """(dir relative to src, its mtime, its subdirectories, its files' lstat), top-down."""
+        if self._source is None:
+            self._source = []
+            for dirpath, dirnames, filenames in os.walk(self.src):
+                rel_dir = os.path.relpath(dirpath, self.src)
+                rel_dir = "" if rel_dir == "." else rel_dir
+                files = {n: os.lstat(os.path.join(dirpath, n)) for n in filenames}
+                self._source.append((rel_dir, int(os.stat(dirpath).st_mtime), sorted(dirnames), files))
+        return self._source
 
     def problems(self, contents: bool = True, dir_mtimes: bool = True) -> list[str]:
-        out: list[str] = []
-        if not self.dst.is_dir():
-            return [f"{self.dst} does not exist"]
-        for dirpath, dirnames, filenames in os.walk(self.src):
-            rel_dir = os.path.relpath(dirpath, self.src)
-            rel_dir = "" if rel_dir == "." else rel_dir
-            dst_dir = self.dst / rel_dir
-            try:
-                present = set(os.listdir(dst_dir))
-            except OSError as e:
-                out.append(f"{rel_dir or '.'}: {e.strerror}")
-                dirnames[:] = []
-                continue
-            wanted = set(dirnames) | set(filenames)
-            out += [f"extra {os.path.join(rel_dir, n)!r}" for n in sorted(present - wanted)]
-            out += [f"missing {os.path.join(rel_dir, n)!r}" for n in sorted(wanted - present)]
-            if self.mtimes and dir_mtimes:
-                out += self._mtime(Path(dirpath), dst_dir, rel_dir or ".")
-            for name in sorted(set(filenames) & present):
-                rel = os.path.join(rel_dir, name)
-                out += self._file(Path(dirpath) / name, dst_dir / name, rel, contents)
-            dirnames[:] = [d for d in dirnames if d in present]
-            if len(out) > 200:
-                break
+        out, unchecked = self._metadata(dir_mtimes)
+        if contents:
+            out += self._contents(unchecked)
         return summarize(out)
 
-    def _mtime(self, s: Path, d: Path, rel: str) -> list[str]:
-        sm, dm = int(s.stat().st_mtime), int(d.lstat().st_mtime)
-        return [] if sm == dm else [f"{rel}: mtime {dm} != {sm}"]
-
-    def _file(self, s: Path, d: Path, rel: str, contents: bool) -> list[str]:
-        st_s, st_d = s.lstat(), d.lstat()
-        if not stat.S_ISREG(st_d.st_mode):
-            return [f"{rel}: not a regular file"]
-        if st_s.st_size != st_d.st_size:
-            return [f"{rel}: size {st_d.st_size} != {st_s.st_size}"]
-        out = self._mtime(s, d, rel) if self.mtimes else []
-        if contents:
-            key = (st_d.st_size, st_d.st_mtime_ns, st_d.st_ctime_ns, st_d.st_ino)
-            if self._equal.get(rel) != key:
-                if same_bytes(s, d):
-                    self._equal[rel] = key
-                else:
-                    out.append(f"{rel}: contents differ")
-        return out
-
     def equal(self, dir_mtimes: bool = True) -> bool:
-        """Cheap metadata pass first; contents only once the metadata agrees."""
-        return not self.problems(False, dir_mtimes) and not self.problems(True, dir_mtimes)
+        """Metadata first; contents only once all the metadata agrees."""
+        out, unchecked = self._metadata(dir_mtimes)
+        return not out and not self._contents(unchecked)
+
+    def _metadata(self, dir_mtimes: bool) -> tuple[list[str], list[tuple[str, tuple]]]:
+        """Problems with names, types, sizes and mtimes; and the files whose metadata
+        is right but whose contents are not known to be (with their destination key)."""
+        out: list[str] = []
+        unchecked: list[tuple[str, tuple]] = []
+        if not self.dst.is_dir():
+            return [f"{self.dst} does not exist"], []
+        missing_dirs: set[str] = set()
+        for rel_dir, src_mtime, dirnames, files in self._scan_source():
+            if rel_dir and (rel_dir in missing_dirs or os.path.dirname(rel_dir) in missing_dirs):
+                missing_dirs.add(rel_dir)
+                continue
+            try:
+                with os.scandir(self.dst / rel_dir) as it:
+                    present = {e.name: e for e in it}
+            except OSError as e:
+                out.append(f"{rel_dir or '.'}: {e.strerror}")
+                missing_dirs.add(rel_dir)
+                continue
+            wanted = set(dirnames) | set(files)
+            out += [f"extra {os.path.join(rel_dir, n)!r}" for n in sorted(present.keys() - wanted)]
+            out += [f"missing {os.path.join(rel_dir, n)!r}" for n in sorted(wanted - present.keys())]
+            missing_dirs.update(os.path.join(rel_dir, d) for d in dirnames if d not in present)
+            if self.mtimes and dir_mtimes:
+                dm = int(os.lstat(self.dst / rel_dir).st_mtime)
+                if dm != src_mtime:
+                    out.append(f"{rel_dir or '.'}: mtime {dm} != {src_mtime}")
+            for name in sorted(files.keys() & present.keys()):
+                rel = os.path.join(rel_dir, name)
+                st_s, st_d = files[name], present[name].stat(follow_symlinks=False)
+                if not stat.S_ISREG(st_d.st_mode):
+                    out.append(f"{rel}: not a regular file")
+                    continue
+                if st_s.st_size != st_d.st_size:
+                    out.append(f"{rel}: size {st_d.st_size} != {st_s.st_size}")
+                    continue
+                if self.mtimes and int(st_s.st_mtime) != int(st_d.st_mtime):
+                    out.append(f"{rel}: mtime {int(st_d.st_mtime)} != {int(st_s.st_mtime)}")
+                key = (st_d.st_size, st_d.st_mtime_ns, st_d.st_ctime_ns, st_d.st_ino)
+                if self._equal.get(rel) != key:
+                    unchecked.append((rel, key))
+            if len(out) > 200:
+                break
+        return out, unchecked
+
+    def _contents(self, unchecked: list[tuple[str, tuple]]) -> list[str]:
+        out = []
+        for rel, key in unchecked:
+            try:
+                same = same_bytes(self.src / rel, self.dst / rel)
+            except OSError as e:
+                out.append(f"{rel}: {e.strerror}")
+                continue
+            if same:
+                self._equal[rel] = key
+            else:
+                out.append(f"{rel}: contents differ")
+        return out
 
 
 def same_bytes(a: Path, b: Path) -> bool:
