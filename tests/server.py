@@ -146,7 +146,10 @@ class SftpServer:
     known_hosts: Path
     ssh_config: Path
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, force_command: str = "internal-sftp"):
+        """`force_command`: what every session runs instead (a host that allows
+        SSH logins but not SFTP, e.g. git-shell, is "/bin/false" here)."""
+        self.force_command = force_command
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.host = "127.0.0.1"
@@ -259,7 +262,7 @@ class SftpServer:
                     "PermitTTY no",
                     "PrintMotd no",
                     "Subsystem sftp internal-sftp",
-                    "ForceCommand internal-sftp",
+                    f"ForceCommand {self.force_command}",
                     "LogLevel VERBOSE",
                     "",
                 ]

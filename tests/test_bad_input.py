@@ -187,6 +187,18 @@ def test_unresolvable_host(fail_mount, remote_dir):
     assert_one_line_error(r, "resolve")
 
 
+def test_server_without_sftp(fail_mount, tmp_path):
+    """A host that takes the key but runs another program for every session (a
+    forced command, git-shell, a menu): the first SFTP channel closes during its
+    set-up, which the mount's early handshake thread does. One line, nothing left."""
+    from tests.server import SftpServer
+
+    with SftpServer(tmp_path / "nosftp", force_command="/bin/false").start() as srv:
+        r, _ = fail_mount(ssh_config=srv.ssh_config, timeout=60)
+    line = assert_one_line_error(r, "SFTP")
+    assert "sftp subsystem" in line.lower(), line
+
+
 # --------------------------------------------------------------- remote path
 
 
