@@ -19,7 +19,8 @@ import pyfuse3
 import trio
 
 from . import openreply, runtime
-from .control import ControlHandler, LabelledHandler, ReadOnlyHandler, control_path, serve_control
+from .control import control_path
+from .controlserver import ControlHandler, LabelledHandler, ReadOnlyHandler, serve_control
 from .fs import Operations, Presentation
 from .options import MountConfig
 from .preflight import MountError

@@ -11,8 +11,10 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .remote.ssh import SshOptions
+if TYPE_CHECKING:  # importing it brings paramiko: `sftpfs sync|status|unmount` need none
+    from .remote.ssh import SshOptions
 
 # Generic mount(8)/fstab options: accepted and ignored.
 IGNORED = {
@@ -132,6 +134,8 @@ def build_config(source: str, mountpoint: str, *, port: int | None = None,
                  identities: list[str] | None = None, ssh_config: str | None = None,
                  options: list[str] | None = None, foreground: bool = False,
                  debug: bool = False) -> MountConfig:
+    from .remote.ssh import SshOptions
+
     user, host, path = parse_source(source)
     ssh = SshOptions(host=host, user=user, port=port, identity_files=list(identities or []))
     if ssh_config is not None:

@@ -1,4 +1,4 @@
-"""The control channel (control.py) with a fake handler, and the CLI's formatting
+"""The control channel (control.py, controlserver.py) with a fake handler, and the CLI's formatting
 of what it returns (controlcmd.py). No server, no FUSE: a Unix socket in tmp."""
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from sftpfs import control, controlcmd
-from sftpfs.control import ControlError, control_path, request, serve_control
+from sftpfs import control, controlcmd, controlserver
+from sftpfs.control import ControlError, control_path, request
+from sftpfs.controlserver import serve_control
 
 
 def _status(**kw) -> dict:
@@ -143,7 +144,7 @@ async def test_sync_progress_lines(mp):
 
 
 async def test_sync_heartbeat_when_handler_is_quiet(mp, monkeypatch):
-    monkeypatch.setattr(control, "HEARTBEAT", 0.2)
+    monkeypatch.setattr(controlserver, "HEARTBEAT", 0.2)
     h = FakeHandler([(1.1, None)])
     async with serving(control_path(mp), h):
         res, prog = await ask(mp, "sync")
@@ -238,7 +239,7 @@ async def test_long_line(mp):
 
 
 async def test_silent_client_is_dropped(mp, monkeypatch):
-    monkeypatch.setattr(control, "REQUEST_TIMEOUT", 0.3)
+    monkeypatch.setattr(controlserver, "REQUEST_TIMEOUT", 0.3)
     path = control_path(mp)
     async with serving(path, FakeHandler()):
         silent = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(5)]
@@ -349,8 +350,8 @@ async def test_non_utf8_names_travel(mp):
 
 
 async def test_read_only_and_labelled_handlers(mp):
-    inner = control.ReadOnlyHandler(connected=lambda: True, stats=lambda: {"open_files": 4})
-    h = control.LabelledHandler(inner, remote="me@h:/srv", mountpoint=str(mp))
+    inner = controlserver.ReadOnlyHandler(connected=lambda: True, stats=lambda: {"open_files": 4})
+    h = controlserver.LabelledHandler(inner, remote="me@h:/srv", mountpoint=str(mp))
     async with serving(control_path(mp), h):
         st, _ = await ask(mp, "status")
         res, _ = await ask(mp, "sync")
