@@ -183,3 +183,13 @@ def test_ownership_options(mount, sftp_server, remote_dir, opt):
     else:
         assert st.st_mode & 0o077 == 0, oct(st.st_mode)
     mount.unmount(mnt)
+
+
+def test_control_commands_stay_light():
+    """`sftpfs sync|status|unmount` run in scripts and after every upload: they must
+    not import trio or paramiko (0.2 s of start-up between them)."""
+    code = ("import sys, sftpfs.cli, sftpfs.controlcmd; "
+            "print(sorted(m for m in ('trio', 'paramiko', 'pyfuse3') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]", f"imported by the control commands: {r.stdout.strip()}"
