@@ -251,3 +251,21 @@ def test_kernel_keeps_listings_while_fresh(sftp_server, remote_dir, mount, sftpf
         assert time.monotonic() < deadline, "a server change stayed hidden past the TTLs"
         time.sleep(0.2)
     assert sorted(os.listdir(mnt)) == sorted(names + ["mine", "theirs"])
+
+
+def test_walk_from_the_listed_root_prefetches(sftp_server, remote_dir, mount, sftpfs_env):
+    """The mount lists the root by itself and nothing below it; a program that then
+    reads the root (served from that listing) starts the walk prefetch from it."""
+    make_tree(sftp_server, remote_dir, dirs=6, files=2)
+    mnt = mount()
+    deadline = time.monotonic() + 10
+    while stats(mount, sftpfs_env, mnt)["listed"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert stats(mount, sftpfs_env, mnt)["prefetched"] == 0, "the mount walked the tree by itself"
+    assert len(os.listdir(mnt)) == 6  # the walker's first step: the root, from the cache
+    deadline = time.monotonic() + 10
+    while stats(mount, sftpfs_env, mnt)["prefetched"] < 6 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert stats(mount, sftpfs_env, mnt)["prefetched"] == 6, "subdirectories not listed ahead"
+    mount.unmount(mnt)

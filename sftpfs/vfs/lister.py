@@ -83,9 +83,14 @@ class Lister:
 
     async def listdir(self, path: bytes) -> list[tuple[bytes, p.Attrs]]:
         """Entries of a directory: fresh, or stale-but-bounded while revalidated."""
+        starting = not self._walker_active()
         self._last_foreground = trio.current_time()
         fresh = self.meta.listing(path)
         if fresh is not None:
+            if starting and self._prefetch_workers:
+                # A walk starts from a listing we have (the root, listed at mount):
+                # its subdirectories were not queued then, with nobody walking.
+                self._queue_subdirs(path, fresh)
             return fresh
         stale = await self.stale_listing(path)
         if stale is not None:
