@@ -19,6 +19,7 @@ from pathlib import Path
 
 from . import runtime
 from .options import OptionError, parse_source
+from .vfs import epochlog
 from .vfs.blocks import STATS_FILE, format_size, read_stats
 
 
@@ -171,6 +172,8 @@ def clear_blocks(blocks: Path) -> int:
         idx = diskcache.Index(str(blocks / "epochs"))
         idx.clear()
         idx.cache.close()
+    _records, dead_logs = epochlog.recover(blocks)  # a crashed mount's epochs: no longer needed
+    epochlog.release(dead_logs, done=True)
     (blocks / STATS_FILE).unlink(missing_ok=True)
     return freed
 

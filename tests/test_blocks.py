@@ -17,6 +17,7 @@ import trio
 from sftpfs.options import OptionError, build_config, parse_size
 from sftpfs.remote.protocol import Attrs
 from sftpfs.vfs import blocks as blocks_mod
+from sftpfs.vfs import epochlog
 from sftpfs.vfs.blocks import BlockCache, Version, default_cache_size, read_stats
 from sftpfs.vfs.readahead import INITIAL_WINDOW, DirPrefetcher, ReadAhead, Reader, ReadOptions
 
@@ -291,6 +292,65 @@ async def test_epochs_persist(tmp_path):
         return await bc.epoch(b"x"), await bc.epoch(b"y")
 
     assert await _with_cache(d, read) == (e, 0)
+
+
+def test_epoch_log_records_survive_any_name_and_a_torn_end(tmp_path):
+    log = epochlog.EpochLog(tmp_path)
+    names = [b"plain", b"with space", b"new\nline", b"\xff\xfe latin", b"a/b/c"]
+    for i, n in enumerate(names):
+        log.append(n, 10**18 + i)
+    with open(log.path, "ab") as f:
+        f.write(b"123 torn-by-a-cras")  # no terminator: the writer died mid-record
+    os.close(log.fd)  # the mount is gone, without folding: nobody holds the log now
+    records, held = epochlog.recover(tmp_path)
+    assert records == [(n, 10**18 + i) for i, n in enumerate(names)]
+    epochlog.release(held, done=True)
+    assert not list(tmp_path.iterdir())
+
+
+def test_epoch_log_of_a_live_mount_is_left_alone(tmp_path):
+    live = epochlog.EpochLog(tmp_path)
+    live.append(b"x", 1)
+    assert epochlog.recover(tmp_path) == ([], [])  # another mount starting
+    live.append(b"y", 2)
+    live.restart([(b"y", 2)])  # x is in the Index now; y is not
+    assert epochlog.parse(live.path.read_bytes()) == [(b"y", 2)]
+    assert len(list(tmp_path.iterdir())) == 1
+    live.close(folded=False)
+    records, held = epochlog.recover(tmp_path)
+    epochlog.release(held, done=True)
+    assert records == [(b"y", 2)]
+
+
+async def test_epochs_are_logged_and_folded_in_batches(tmp_path, monkeypatch):
+    """A bump costs a log append; the Index gets them EPOCH_BATCH at a time and at the end."""
+    monkeypatch.setattr(blocks_mod, "EPOCH_BATCH", 50)
+    d = tmp_path / "blocks"
+    commits = []
+    real = blocks_mod.Disk.set_epochs
+
+    def counted(self, items):
+        commits.append(len(items))
+        return real(self, items)
+
+    monkeypatch.setattr(blocks_mod.Disk, "set_epochs", counted)
+
+    async def bump(bc):
+        for i in range(120):
+            bc.bump(b"f%d" % i)
+            await trio.sleep(0)
+        await trio.sleep(0.2)
+        assert commits and all(n >= 50 for n in commits)
+        assert len(epochlog.parse(next(d.glob("epochs-*.log")).read_bytes())) < 50
+        return [await bc.epoch(b"f%d" % i) for i in range(120)]
+
+    made = await _with_cache(d, bump)
+    assert sum(commits) == 120 and not list(d.glob("epochs-*.log"))
+
+    async def read(bc):
+        return [await bc.epoch(b"f%d" % i) for i in range(120)]
+
+    assert await _with_cache(d, read) == made
 
 
 async def test_renamed_directory_makes_new_versions_below(tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from sftpfs.vfs.blocks import BLOCK_SIZE, read_stats
-from tests.test_meta import stats
+from tests.test_meta import daemon_pid, stats
 
 OLD = 1_500_000_000
 
@@ -174,6 +175,33 @@ def test_written_through_the_mount_is_read_back(sftp_server, remote_dir, mount, 
     assert (remote_dir / "w.bin").read_bytes() == want
     mnt = mount(opts=(f"cache_dir={cache}",))  # the old blocks stay dead after a remount too
     assert (mnt / "w.bin").read_bytes() == want
+
+
+def test_old_blocks_stay_dead_after_a_crash(sftp_server, remote_dir, mount, sftpfs_env,
+                                            tmp_path):
+    """The epoch a write makes is logged at once (epochlog.py): a daemon killed
+    after the upload, before it folded its log, must not let the next mount
+    serve the blocks of the version it replaced (same size, same mtime)."""
+    data = os.urandom(3 * 2**20)
+    put(sftp_server, remote_dir / "w.bin", data, OLD)
+    cache = tmp_path / "cache"
+    mnt = mount(opts=(f"cache_dir={cache}",))
+    assert (mnt / "w.bin").read_bytes() == data
+    mount.unmount(mnt)  # the blocks are on disk
+    assert read_stats(blocks_dir(cache))["misses"] == 3
+    mnt = mount(opts=(f"cache_dir={cache}",))
+    want = b"Y" * 4096 + data[4096:]
+    with open(mnt / "w.bin", "r+b") as w:
+        w.write(b"Y" * 4096)
+    os.utime(mnt / "w.bin", (OLD, OLD))
+    assert sftpfs(sftpfs_env, "sync", str(mnt)).returncode == 0
+    assert (remote_dir / "w.bin").read_bytes() == want
+    os.kill(daemon_pid(sftpfs_env, mnt), signal.SIGKILL)
+    subprocess.run(["fusermount3", "-uz", str(mnt)], check=False)
+    assert list(blocks_dir(cache).glob("epochs-*.log")), "the killed mount left its log"
+    mnt = mount(opts=(f"cache_dir={cache}",), mnt=mnt)
+    assert (mnt / "w.bin").read_bytes() == want
+    assert not list(blocks_dir(cache).glob("epochs-*.log"))[1:], "the dead log was folded"
 
 
 # ------------------------------------------------------------------ the block cache on disk

@@ -97,3 +97,38 @@ def test_string_view_is_the_string_without_a_copy():
     assert bytes(v) == b"jello"
     with pytest.raises(ValueError):
         p.Reader(b"\0\0\0\x09abc").string_view()
+
+
+@pytest.mark.parametrize("fault", ["eof", "socket closed", "channel closed"])
+def test_a_session_ended_during_sftp_setup_names_the_likely_cause(fault):
+    """A forced command ends the session; depending on timing paramiko reports an EOF,
+    a closed socket or a closed channel (seen flaking on a real sshd): one message."""
+    import paramiko
+
+    from sftpfs.remote.channel import NO_SFTP, open_sftp_channel
+    from sftpfs.remote.errors import ConnectionLost
+
+    class Chan:
+        in_buffer = None
+
+        def settimeout(self, t):
+            pass
+
+        def invoke_subsystem(self, name):
+            if fault == "channel closed":
+                raise paramiko.SSHException("Channel closed.")
+
+        def sendall(self, data):
+            if fault == "socket closed":
+                raise OSError("Socket is closed")
+
+        def recv(self, n):
+            return b""
+
+    class Transport:
+        def open_session(self, **kw):
+            return Chan()
+
+    with pytest.raises(ConnectionLost) as e:
+        open_sftp_channel(Transport(), timeout=5)
+    assert NO_SFTP in str(e.value)

@@ -16,6 +16,7 @@ from .errors import ConnectionLost
 
 WINDOW_SIZE = 64 * 2**20  # bytes the server may send before we ack: covers many reads in flight
 MAX_PACKET = 2**18
+NO_SFTP = "server closed the channel during SFTP setup (is the sftp subsystem enabled?)"
 
 
 class SftpChannel(NamedTuple):
@@ -29,10 +30,17 @@ def open_sftp_channel(transport: paramiko.Transport, timeout: float) -> SftpChan
     chan = transport.open_session(window_size=WINDOW_SIZE, max_packet_size=MAX_PACKET, timeout=timeout)
     chan.in_buffer = ChunkPipe()  # nothing has arrived yet: the server starts with the subsystem
     chan.settimeout(timeout)
-    chan.invoke_subsystem("sftp")
-    chan.sendall(p.packet(p.FXP_INIT, None, p.u32(3)))
-    header = _recv_exact(chan, 4)
-    body = _recv_exact(chan, int.from_bytes(header, "big"))
+    try:
+        chan.invoke_subsystem("sftp")
+        chan.sendall(p.packet(p.FXP_INIT, None, p.u32(3)))
+        header = _recv_exact(chan, 4)
+        body = _recv_exact(chan, int.from_bytes(header, "big"))
+    except (OSError, EOFError, paramiko.SSHException) as e:
+        if isinstance(e, TimeoutError | ConnectionLost):
+            raise
+        # A forced command ends the session, and with it, at times, the connection
+        # before the channel's close arrives: the same cause, seen from the socket.
+        raise ConnectionLost(f"{NO_SFTP} ({e})") from None
     if body[0] != p.FXP_VERSION:
         raise ConnectionLost(f"server did not start SFTP (got packet type {body[0]})")
     version, exts = p.parse_version(body[1:])
@@ -45,7 +53,6 @@ def _recv_exact(chan: paramiko.Channel, n: int) -> bytes:
     while len(out) < n:
         data = chan.recv(n - len(out))
         if not data:
-            raise ConnectionLost("server closed the channel during SFTP setup "
-                                 "(is the sftp subsystem enabled?)")
+            raise ConnectionLost(NO_SFTP)
         out += data
     return bytes(out)

@@ -45,6 +45,7 @@ from pathlib import Path
 import trio
 
 from ..slots import Slots
+from . import epochlog
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +62,11 @@ RUN_MAX = 4 * 2**20  # one fetch run covers at most this many bytes
 DEFAULT_CACHE_MAX = 10 * 2**30
 DEFAULT_CACHE_MIN = 64 * 2**20
 STATS_FILE = "stats.json"
-WARN_EVERY = 600.0
+WARN_EVERY = 600.0  # seconds between repeated warnings about the disk cache
 SMALL_VALUE = 2**15  # diskcache keeps values below this inside SQLite (its disk_min_file_size)
 EPOCHS_IN_MEMORY = 100_000
-DB_NAME = "cache.db"  # diskcache's database file  # seconds between repeated warnings about the disk cache
+DB_NAME = "cache.db"  # diskcache's database file
+EPOCH_BATCH = 10_000  # epochs logged before they are moved into the Index in one commit
 
 def format_size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -162,13 +164,14 @@ class Disk:
                                           eviction_policy="least-recently-used", cull_limit=1)
             self._epochs = diskcache.Index(str(self.directory / "epochs"))
             self._ino = self._identity()
+            self._recover_epochs()
             return True
         except Exception as e:  # noqa: BLE001 - any failure: run without the disk tier
             self._failed("open", e)
             self._cache = self._epochs = None
             return False
 
-    def _warn(self, msg: str, *args) -> None:
+    def warn(self, msg: str, *args) -> None:
         now = time.monotonic()
         if now - self._last_warning >= WARN_EVERY:
             self._last_warning = now
@@ -180,7 +183,7 @@ class Disk:
         self._paused_until = time.monotonic() + self.RETRY_AFTER
         full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) or "full" in str(e)
         why = "the disk is full" if full else f"{type(e).__name__}: {e}"
-        self._warn("block cache in %s unusable (%s during %s); reading from the server",
+        self.warn("block cache in %s unusable (%s during %s); reading from the server",
                    self.directory, why, what)
 
     def _identity(self) -> tuple[int, int] | None:
@@ -209,7 +212,7 @@ class Disk:
             if self._identity() != self._ino or self._cache is None:
                 with self._lock:
                     if self._cache is not None:
-                        self._warn("block cache directory %s was removed; reads go to the server "
+                        self.warn("block cache directory %s was removed; reads go to the server "
                                    "until it is recreated", self.directory)
                         self._close_quietly()
                     if not self._open():
@@ -297,15 +300,33 @@ class Disk:
             self._failed("epoch lookup", e)
             return 0
 
-    def set_epochs(self, items: Iterable[tuple[bytes, int]]) -> None:
-        if self._usable() is None or self._epochs is None:
-            return
+    def set_epochs(self, items: Iterable[tuple[bytes, int]]) -> bool:
+        """Into the Index, in one commit (17 instead of 70 µs an entry); False: not stored."""
+        if self._usable(check=True) is None or self._epochs is None:
+            return False
         try:
-            with self._epochs.transact():  # one commit: 17 instead of 70 µs an entry
+            with self._epochs.transact():
                 for path, value in items:
                     self._epochs[path] = value
+            return True
         except Exception as e:  # noqa: BLE001
             self._failed("epoch write", e)
+            return False
+
+    def _recover_epochs(self) -> None:
+        """Fold the epoch logs of mounts that ended without folding them (epochlog.py)."""
+        assert self.directory is not None and self._epochs is not None
+        records, held = epochlog.recover(self.directory)
+        done = False
+        try:
+            if records:
+                with self._epochs.transact():
+                    for path, value in records:
+                        self._epochs[path] = value
+                log.info("recovered %d epochs of an earlier mount", len(records))
+            done = True
+        finally:
+            epochlog.release(held, done=done)
 
     def add_stats(self, delta: dict[str, int]) -> None:
         if self.directory is None or not any(delta.values()):
@@ -374,8 +395,10 @@ class BlockCache:
         self._queue: deque[tuple[bytes, bytes]] = deque()
         self._queued: dict[bytes, bytes] = {}  # key -> data, until it is on disk
         self._queued_bytes = 0
-        self._epoch_queue: list[tuple[bytes, int]] = []
+        self._epoch_queue: list[tuple[bytes, int]] = []  # logged, not yet in the Index
+        self._epochs_folding: list[tuple[bytes, int]] = []  # on their way into the Index
         self._epochs: dict[bytes, int] = {}
+        self._epoch_log: epochlog.EpochLog | None = None
         self._all_epochs = False  # _epochs holds every epoch on disk: a miss means 0
         self._wake = trio.Event()
         self._fetching = 0  # fetch runs going on
@@ -394,6 +417,7 @@ class BlockCache:
             async with trio.open_nursery() as n:
                 self.nursery = n
                 if self.disk.enabled:
+                    self._open_epoch_log()
                     known = await trio.to_thread.run_sync(self.disk.all_epochs, EPOCHS_IN_MEMORY)
                     if known is not None:
                         known.update(self._epochs)
@@ -407,6 +431,8 @@ class BlockCache:
             with trio.CancelScope(shield=True), trio.move_on_after(30):
                 await self._drain()
                 await self._flush_stats()
+            if self._epoch_log is not None:
+                self._epoch_log.close(folded=not self._epoch_queue)
             self.disk.close()
 
     # ---- lookups ---------------------------------------------------------------------
@@ -551,20 +577,59 @@ class BlockCache:
             if not self._all_epochs:
                 if len(self._epochs) > EPOCHS_IN_MEMORY:
                     self._epochs.clear()
+                    # Those not in the Index yet are known only here.
+                    self._epochs.update(self._epochs_folding)
+                    self._epochs.update(self._epoch_queue)
                 self._epochs[path] = e
         return e
 
     def bump(self, path: bytes) -> None:
         """This mount changes `path`: blocks read before are not its content any more.
 
-        Persisted (ahead of any block of the new epoch, the queue is FIFO), so a
-        later mount does not serve the old blocks either.
+        Logged at once (epochlog.py), so a later mount does not serve the old
+        blocks either, not even after a crash.
         """
         e = time.time_ns()
         self._epochs[path] = e
         if self.disk.enabled:
             self._epoch_queue.append((path, e))
-            self._wake.set()
+            if self._epoch_log is not None:
+                try:
+                    self._epoch_log.append(path, e)
+                except OSError as err:
+                    self.disk.warn("cannot log an epoch in %s (%s): it is kept in memory until "
+                                   "it is in the block cache's index", self.disk.directory, err)
+            if len(self._epoch_queue) >= EPOCH_BATCH or self._epoch_log is None:
+                self._wake.set()
+
+    def _open_epoch_log(self) -> None:
+        assert self.disk.directory is not None
+        try:
+            self._epoch_log = epochlog.EpochLog(self.disk.directory)
+        except OSError as e:
+            self.disk.warn("cannot start an epoch log in %s (%s): epochs go into the block "
+                           "cache's index directly", self.disk.directory, e)
+
+    async def _fold_epochs(self) -> None:
+        """Move the logged epochs into the Index and start a fresh log."""
+        self._epochs_folding, self._epoch_queue = self._epoch_queue, []
+        try:
+            done = await trio.to_thread.run_sync(self.disk.set_epochs, self._epochs_folding,
+                                                 limiter=self._disk_threads)
+        except BaseException:
+            done = False
+            raise
+        finally:
+            if not done:
+                self._epoch_queue[:0] = self._epochs_folding
+            self._epochs_folding = []
+        if self._epoch_log is None:
+            self._open_epoch_log()
+        else:
+            try:
+                self._epoch_log.restart(self._epoch_queue)
+            except OSError as e:
+                log.debug("cannot restart the epoch log: %s", e)  # the old one stays: harmless
 
     # ---- fetching ---------------------------------------------------------------------
 
@@ -688,16 +753,11 @@ class BlockCache:
                 await trio.sleep(0.05)
             await self._write_some()
 
-    async def _write_some(self) -> None:
-        while self._queue or self._epoch_queue:
-            if self._epoch_queue:
-                epochs, self._epoch_queue = self._epoch_queue, []
-                try:
-                    await trio.to_thread.run_sync(self.disk.set_epochs, epochs,
-                                                  limiter=self._disk_threads)
-                except BaseException:
-                    self._epoch_queue[:0] = epochs
-                    raise
+    async def _write_some(self, *, final: bool = False) -> None:
+        if self._epoch_queue and (final or len(self._epoch_queue) >= EPOCH_BATCH
+                                  or self._epoch_log is None):
+            await self._fold_epochs()
+        while self._queue:
             batch: list[tuple[bytes, bytes]] = []
             size = 0
             while self._queue and len(batch) < 16 and size < 4 * 2**20:
@@ -717,7 +777,7 @@ class BlockCache:
                     self._queued_bytes -= len(data)
 
     async def _drain(self) -> None:
-        await self._write_some()
+        await self._write_some(final=True)
 
     async def _stats_loop(self) -> None:
         while True:
