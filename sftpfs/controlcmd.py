@@ -256,7 +256,10 @@ def format_status(st: dict, mp: Path) -> str:
     remote = st.get("remote")
     out.append(f"{_printable(st.get('mountpoint') or mp)}" + (f": {_printable(remote)}" if remote else ""))
     conn = st.get("connected")
-    out.append(f"  connection:  {'connected' if conn else 'disconnected (reconnects on the next request)' if conn is False else 'unknown'}")
+    counters = st.get("counters")
+    rtt = _int(counters, "rtt_us") if isinstance(counters, dict) and "rtt_us" in counters else -1
+    rtt_text = f", round trip {rtt / 1000:.2f} ms" if conn and rtt >= 0 else ""
+    out.append(f"  connection:  {'connected' if conn else 'disconnected (reconnects on the next request)' if conn is False else 'unknown'}{rtt_text}")
     ops, files, nbytes = _int(st, "pending_ops"), _int(st, "pending_files"), _int(st, "pending_bytes")
     if ops or files or nbytes:
         out.append(f"  pending:     {_plural(ops, 'change')}, {_plural(files, 'file')}, "
@@ -264,7 +267,6 @@ def format_status(st: dict, mp: Path) -> str:
     else:
         out.append("  pending:     nothing, everything is on the server")
     out.append(f"  uploaded:    {human_bytes(_int(st, 'uploaded_bytes'))} since mount")
-    counters = st.get("counters")
     if isinstance(counters, dict) and "open_files" in counters:
         out.append(f"  open files:  {counters['open_files']}")
     if isinstance(counters, dict) and "cache_hits" in counters:

@@ -207,7 +207,9 @@ class Operations(pyfuse3.Operations):
             await self._invalidate_attrs(ino)
 
     def stats(self) -> dict[str, int]:
+        rtt = self.vfs.remote.rtt
         return {"inodes": len(self.inodes), "open_files": len(self._files),
+                "rtt_us": -1 if rtt is None else round(rtt * 1e6),
                 "open_dirs": len(self._dirs), "requests": self.vfs.remote.requests,
                 "kernel_listings": self._kernel_listings, "flushes": self._flushes,
                 "files_prefetched": self.vfs.reads.prefetcher.files_prefetched,

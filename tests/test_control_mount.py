@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -43,6 +44,9 @@ def test_status_on_a_live_mount(mount, run_sftpfs, sftpfs_env, remote_dir):
     lines = r.stdout.splitlines()
     assert lines[0].startswith(f"{mnt}: ") and str(remote_dir) in lines[0], r.stdout
     assert "connection:  connected" in r.stdout, r.stdout
+    # The mount's first requests measured the link: loopback, well under 50 ms.
+    rtt = re.search(r"round trip ([0-9.]+) ms", r.stdout)
+    assert rtt and 0 < float(rtt.group(1)) < 50, r.stdout
     assert "pending:" in r.stdout, r.stdout
 
     r = run_sftpfs("status", "--json", mnt)

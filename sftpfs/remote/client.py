@@ -48,6 +48,11 @@ class Remote:
     def connected(self) -> bool:
         return self._session is not None and not self._session.closed
 
+    @property
+    def rtt(self) -> float | None:
+        """The round trip to the server as last measured (None: not yet)."""
+        return self._session.rtt if self._session is not None else None
+
     async def session(self) -> SftpSession:
         s = self._session
         if s is not None and not s.closed:

@@ -57,6 +57,7 @@ class SftpSession:
         self.close_reason = ""
         self._ids = itertools.count(1)
         self.sent = 0  # requests sent, for stats
+        self.rtt: float | None = None  # the quickest answer seen: the link's round trip
         self._pending: dict[int, _Waiter] = {}
         self._slots = Slots(max_inflight)
         self._sendq: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
@@ -219,10 +220,14 @@ class SftpSession:
                 waiters.append((rid, w))
                 packets.append(p.packet(ptype, rid, *fields))
             # One send: the requests share SSH packets (one encryption, one syscall).
+            t0 = trio.current_time()
             self._send(b"".join(packets))
             try:
                 for _rid, w in waiters:
                     await self._wait(w)
+                took = trio.current_time() - t0
+                if self.rtt is None or took < self.rtt:
+                    self.rtt = took
             finally:
                 for rid, _w in waiters:
                     self._pending.pop(rid, None)
