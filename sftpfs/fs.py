@@ -184,7 +184,20 @@ class Operations(pyfuse3.Operations):
         self._kernel_listings = 0  # listings the kernel read from us (not from its cache)
         self._flushes = 0  # close(2)s that waited for us (none for read-only opens)
         self._next_fh = 1
+        self.after_init: Callable[[], None] | None = None  # runs once the kernel has our INIT
         vfs.lister.on_change = self._server_changed
+
+    def init(self) -> None:
+        # Called inside libfuse's INIT handler, before its reply: what depends on the
+        # kernel having the reply (it resets the mount's read-ahead) runs right after.
+        if self.after_init is not None:
+            trio.lowlevel.current_trio_token().run_sync_soon(self._run_after_init)
+
+    def _run_after_init(self) -> None:
+        try:
+            self.after_init()  # type: ignore[misc]
+        except Exception:  # noqa: BLE001 - an exception here would end trio's run loop
+            log.exception("after the FUSE INIT")
 
     def _server_changed(self, dir_path: bytes, names: list[bytes]) -> None:
         """A relisting found changes made by someone else: drop the kernel's copies."""

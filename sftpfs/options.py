@@ -69,6 +69,7 @@ class MountConfig:
     log_file: Path | None = None
     writeback: bool = True
     kernel_dircache: bool = True
+    kernel_readahead: int = 2**20  # the kernel's read-ahead on this mount (needs root); 0: its default
     writeback_delay: float = 0.5
     dirty_limit: int | None = None  # None: min(4 GiB, a quarter of the cache disk's free space)
     flush_timeout: float = 600.0
@@ -186,7 +187,7 @@ def _apply(cfg: MountConfig, opt: str) -> None:
         cfg.cache = value == "yes"
     elif key == "cache_dir":
         cfg.cache_dir = Path(os.path.expanduser(value))
-    elif key in ("cache_size", "readahead_max", "small_file", "dirty_limit"):
+    elif key in ("cache_size", "readahead_max", "small_file", "dirty_limit", "kernel_readahead"):
         setattr(cfg, key, parse_size(key, value))
     elif key == "kernel_dircache":
         if value not in ("on", "off", "yes", "no"):

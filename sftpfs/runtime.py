@@ -89,6 +89,21 @@ def mounts() -> list[tuple[bytes, bytes, bytes]]:
     return out
 
 
+def mount_device(mountpoint: Path) -> str | None:
+    """"major:minor" of the newest mount on `mountpoint` (from /proc/self/mountinfo:
+    a stat of a FUSE mount would ask its own, possibly not yet serving, daemon)."""
+    target, found = canonical(mountpoint), None
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            for line in f:
+                parts = line.split(b" ")
+                if len(parts) > 4 and _unescape(parts[4]) == target:
+                    found = parts[2].decode()
+    except OSError:
+        return None
+    return found
+
+
 def is_mounted(mountpoint: Path, fstype_prefix: bytes = b"") -> bool:
     target = canonical(mountpoint)
     return any(mp == target and t.startswith(fstype_prefix) for _s, mp, t in mounts())

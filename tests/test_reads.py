@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from sftpfs import runtime
 from sftpfs.vfs.blocks import BLOCK_SIZE, read_stats
 from tests.test_meta import daemon_pid, stats
 
@@ -202,6 +203,24 @@ def test_old_blocks_stay_dead_after_a_crash(sftp_server, remote_dir, mount, sftp
     mnt = mount(opts=(f"cache_dir={cache}",), mnt=mnt)
     assert (mnt / "w.bin").read_bytes() == want
     assert not list(blocks_dir(cache).glob("epochs-*.log"))[1:], "the dead log was folded"
+
+
+def test_kernel_reads_ahead_a_block_at_a_time(sftp_server, remote_dir, mount):
+    """As root, the mount's kernel read-ahead is raised from 128 KiB (an eighth of the
+    FUSE requests for a sequential reader); -o kernel_readahead= sets it."""
+    data = os.urandom(5 * 2**20 + 77)
+    put(sftp_server, remote_dir / "seq.bin", data)
+
+    def readahead_kb(mnt: Path) -> int:
+        dev = runtime.mount_device(mnt)
+        assert dev is not None
+        return int(Path(f"/sys/class/bdi/{dev}/read_ahead_kb").read_text())
+
+    for opt, want in ((None, 1024), ("kernel_readahead=512k", 512)):
+        mnt = mount(opts=(opt,) if opt else ())
+        assert readahead_kb(mnt) == want
+        assert (mnt / "seq.bin").read_bytes() == data
+        mount.unmount(mnt)
 
 
 # ------------------------------------------------------------------ the block cache on disk
