@@ -308,10 +308,12 @@ def test_epoch_log_records_survive_any_name_and_a_torn_end(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_epoch_log_of_a_live_mount_is_left_alone(tmp_path):
+def test_epoch_log_of_a_live_mount_is_read_not_taken(tmp_path):
     live = epochlog.EpochLog(tmp_path)
     live.append(b"x", 1)
-    assert epochlog.recover(tmp_path) == ([], [])  # another mount starting
+    # another mount starting beside it learns x's epoch, and leaves the log alone
+    assert epochlog.recover(tmp_path) == ([(b"x", 1)], [])
+    assert live.path.exists()
     live.append(b"y", 2)
     live.restart([(b"y", 2)])  # x is in the Index now; y is not
     assert epochlog.parse(live.path.read_bytes()) == [(b"y", 2)]
@@ -320,6 +322,45 @@ def test_epoch_log_of_a_live_mount_is_left_alone(tmp_path):
     records, held = epochlog.recover(tmp_path)
     epochlog.release(held, done=True)
     assert records == [(b"y", 2)]
+
+
+def test_a_late_fold_never_undoes_a_newer_epoch(tmp_path):
+    """A crashed mount's log folded after another mount stored a newer epoch."""
+    disk = blocks_mod.Disk(tmp_path / "blocks", 2**20)
+    assert disk.set_epochs([(b"p", 200)])
+    assert disk.set_epochs([(b"p", 100), (b"q", 5)])
+    assert (disk.epoch(b"p"), disk.epoch(b"q")) == (200, 5)
+    disk.close()
+
+
+async def test_a_mount_starting_beside_another_knows_its_epochs(tmp_path):
+    d = tmp_path / "blocks"
+
+    async def both(a):
+        a.bump(b"x")
+        mine = await a.epoch(b"x")
+        # mount b starts while a runs, before a folded anything into the Index
+        return mine, await _with_cache(d, lambda b: b.epoch(b"x"))
+
+    mine, theirs = await _with_cache(d, both)
+    assert theirs == mine > 0
+
+
+async def test_epoch_log_follows_a_recreated_cache_directory(tmp_path):
+    """rm -rf of the cache while mounted: the log went with it; the next bump starts
+    one in the new directory with every epoch not yet in the (new) Index."""
+    d = tmp_path / "blocks"
+
+    async def body(bc):
+        bc.bump(b"a")
+        shutil.rmtree(d)
+        assert bc.disk._usable(check=True) is not None  # what the next disk write does
+        bc.bump(b"b")
+        logs = list(d.glob("epochs-*.log"))
+        assert len(logs) == 1
+        assert {p for p, _e in epochlog.parse(logs[0].read_bytes())} == {b"a", b"b"}
+
+    await _with_cache(d, body)
 
 
 async def test_epochs_are_logged_and_folded_in_batches(tmp_path, monkeypatch):

@@ -139,6 +139,7 @@ class Disk:
         self._cache = None
         self._epochs = None
         self._ino: tuple[int, int] | None = None  # the database file we opened
+        self.generation = 0  # successful opens: a new one means a new directory
         self._paused_until = 0.0
         self._last_warning = -WARN_EVERY
         self._lock = threading.Lock()
@@ -162,9 +163,10 @@ class Disk:
             # timeout: a busy database makes a read miss, it never makes it wait long.
             self._cache = diskcache.Cache(str(self.directory), timeout=2, size_limit=self.size_limit,
                                           eviction_policy="least-recently-used", cull_limit=1)
-            self._epochs = diskcache.Index(str(self.directory / "epochs"))
+            self._epochs = diskcache.Index(str(self.directory / "epochs"), timeout=2)
             self._ino = self._identity()
             self._recover_epochs()
+            self.generation += 1
             return True
         except Exception as e:  # noqa: BLE001 - any failure: run without the disk tier
             self._failed("open", e)
@@ -291,42 +293,49 @@ class Disk:
             self._failed("epoch lookup", e)
             return None
 
-    def epoch(self, path: bytes) -> int:
+    def epoch(self, path: bytes) -> int | None:
+        """None: unknown (no usable disk)."""
         if self._usable() is None or self._epochs is None:
-            return 0
+            return None
         try:
             return int(self._epochs.get(path, 0))
         except Exception as e:  # noqa: BLE001
             self._failed("epoch lookup", e)
-            return 0
+            return None
 
     def set_epochs(self, items: Iterable[tuple[bytes, int]]) -> bool:
         """Into the Index, in one commit (17 instead of 70 µs an entry); False: not stored."""
         if self._usable(check=True) is None or self._epochs is None:
             return False
         try:
-            with self._epochs.transact():
-                for path, value in items:
-                    self._epochs[path] = value
+            self._store_epochs(items)
             return True
         except Exception as e:  # noqa: BLE001
             self._failed("epoch write", e)
             return False
 
+    def _store_epochs(self, items: Iterable[tuple[bytes, int]]) -> None:
+        """Keep the larger epoch of each path: a log folded late (another mount's,
+        a crashed one's) must not undo a newer one."""
+        assert self._epochs is not None
+        with self._epochs.transact():
+            for path, value in items:
+                if value > int(self._epochs.get(path, 0)):
+                    self._epochs[path] = value
+
     def _recover_epochs(self) -> None:
-        """Fold the epoch logs of mounts that ended without folding them (epochlog.py)."""
-        assert self.directory is not None and self._epochs is not None
-        records, held = epochlog.recover(self.directory)
+        """Fold the epoch logs into the Index (epochlog.py), deleting those of dead mounts."""
+        assert self.directory is not None
+        records, dead = epochlog.recover(self.directory)
         done = False
         try:
             if records:
-                with self._epochs.transact():
-                    for path, value in records:
-                        self._epochs[path] = value
-                log.info("recovered %d epochs of an earlier mount", len(records))
+                self._store_epochs(records)
+                if dead:
+                    log.info("recovered the epochs of %d ended mount(s)", len(dead))
             done = True
         finally:
-            epochlog.release(held, done=done)
+            epochlog.release(dead, done=done)
 
     def add_stats(self, delta: dict[str, int]) -> None:
         if self.directory is None or not any(delta.values()):
@@ -399,6 +408,7 @@ class BlockCache:
         self._epochs_folding: list[tuple[bytes, int]] = []  # on their way into the Index
         self._epochs: dict[bytes, int] = {}
         self._epoch_log: epochlog.EpochLog | None = None
+        self._log_generation = 0  # the disk directory the log lives in
         self._all_epochs = False  # _epochs holds every epoch on disk: a miss means 0
         self._wake = trio.Event()
         self._fetching = 0  # fetch runs going on
@@ -432,7 +442,9 @@ class BlockCache:
                 await self._drain()
                 await self._flush_stats()
             if self._epoch_log is not None:
-                self._epoch_log.close(folded=not self._epoch_queue)
+                log_, self._epoch_log = self._epoch_log, None
+                with contextlib.suppress(OSError):
+                    log_.close(folded=not self._epoch_queue)
             self.disk.close()
 
     # ---- lookups ---------------------------------------------------------------------
@@ -573,7 +585,14 @@ class BlockCache:
         if e is None:
             e = 0
             if self.disk.enabled and not self._all_epochs:
-                e = await trio.to_thread.run_sync(self.disk.epoch, path, limiter=self._disk_threads)
+                found = await trio.to_thread.run_sync(self.disk.epoch, path,
+                                                      limiter=self._disk_threads)
+                if path in self._epochs:  # bumped meanwhile: that one is newer
+                    return self._epochs[path]
+                if found is None:
+                    # Unknown: an epoch no block was ever stored under, not remembered.
+                    return -time.time_ns()
+                e = found
             if not self._all_epochs:
                 if len(self._epochs) > EPOCHS_IN_MEMORY:
                     self._epochs.clear()
@@ -589,41 +608,59 @@ class BlockCache:
         Logged at once (epochlog.py), so a later mount does not serve the old
         blocks either, not even after a crash.
         """
-        e = time.time_ns()
+        # Later than any epoch the path had here, even if the clock stepped back.
+        e = max(time.time_ns(), self._epochs.get(path, 0) + 1)
         self._epochs[path] = e
         if self.disk.enabled:
             self._epoch_queue.append((path, e))
-            if self._epoch_log is not None:
+            if self._epoch_log is not None and self._log_generation != self.disk.generation:
+                # The cache directory was removed and made anew: so must the log be.
+                self._close_epoch_log()
+                self._open_epoch_log()
+            elif self._epoch_log is not None:
                 try:
                     self._epoch_log.append(path, e)
                 except OSError as err:
-                    self.disk.warn("cannot log an epoch in %s (%s): it is kept in memory until "
-                                   "it is in the block cache's index", self.disk.directory, err)
+                    self.disk.warn("cannot log an epoch in %s (%s): moving epochs into the "
+                                   "block cache's index now", self.disk.directory, err)
+                    self._close_epoch_log()
             if len(self._epoch_queue) >= EPOCH_BATCH or self._epoch_log is None:
                 self._wake.set()
 
     def _open_epoch_log(self) -> None:
+        """A new log, holding what is not in the Index yet."""
         assert self.disk.directory is not None
+        generation = self.disk.generation
         try:
-            self._epoch_log = epochlog.EpochLog(self.disk.directory)
+            self._epoch_log = epochlog.EpochLog(self.disk.directory,
+                                                [*self._epochs_folding, *self._epoch_queue])
+            self._log_generation = generation
         except OSError as e:
             self.disk.warn("cannot start an epoch log in %s (%s): epochs go into the block "
                            "cache's index directly", self.disk.directory, e)
 
-    async def _fold_epochs(self) -> None:
+    def _close_epoch_log(self) -> None:
+        """Give up the log; it stays for a later mount to fold (nothing is lost)."""
+        log_, self._epoch_log = self._epoch_log, None
+        if log_ is not None:
+            with contextlib.suppress(OSError):
+                log_.close(folded=False)
+
+    async def _fold_epochs(self, *, final: bool = False) -> None:
         """Move the logged epochs into the Index and start a fresh log."""
         self._epochs_folding, self._epoch_queue = self._epoch_queue, []
+        done = False
         try:
             done = await trio.to_thread.run_sync(self.disk.set_epochs, self._epochs_folding,
                                                  limiter=self._disk_threads)
-        except BaseException:
-            done = False
-            raise
         finally:
             if not done:
                 self._epoch_queue[:0] = self._epochs_folding
             self._epochs_folding = []
-        if self._epoch_log is None:
+        if not done or final:
+            return  # the log still holds everything / is deleted at close
+        if self._epoch_log is None or self._log_generation != self.disk.generation:
+            self._close_epoch_log()
             self._open_epoch_log()
         else:
             try:
@@ -756,7 +793,7 @@ class BlockCache:
     async def _write_some(self, *, final: bool = False) -> None:
         if self._epoch_queue and (final or len(self._epoch_queue) >= EPOCH_BATCH
                                   or self._epoch_log is None):
-            await self._fold_epochs()
+            await self._fold_epochs(final=final)
         while self._queue:
             batch: list[tuple[bytes, bytes]] = []
             size = 0
