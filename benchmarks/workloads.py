@@ -126,13 +126,14 @@ def _rsync_up(s: Session, budget: Budget, r: Result | None, src: Path, state: st
     _wait_tree(s, budget, src, t0, r, state)
 
 
-def _tree_on_server(s: Session, budget: Budget, r: Result) -> None:
+def _tree_on_server(s: Session, budget: Budget, r: Result, warm: bool = True) -> None:
     """Make sure the server's rw/tree holds the source tree and the mount has seen it.
 
     After workload 8 that is so. Without it (not selected, or it did not finish,
     as sshfs's upload does not within 300 s at 40 ms) the tree is put on the server directly, the
     mount is made afresh and one untimed no-op rsync warms it, so that 9-11 still
-    measure what they are about instead of another slow upload."""
+    measure what they are about instead of another slow upload. `warm=False`: the
+    tree only (workload 13 mounts afresh itself)."""
     if s.tree_state == "source":
         return
     s.drop_mount()
@@ -144,6 +145,8 @@ def _tree_on_server(s: Session, budget: Budget, r: Result) -> None:
     shutil.copytree(s.data.tree, tree, copy_function=shutil.copy2)
     s.chown(tree)
     s.tree_state = "source"
+    if not warm:
+        return
     s.fresh_mount("rw", budget)
     s.run(["rsync", "-rlt", f"{s.data.tree}/", f"{s.mnt}/tree/"], budget)
     r.detail = ("no upload by workload 8 to build on: tree put on the server directly, then warmed "
@@ -260,6 +263,14 @@ def rsync_noop_remount(s: Session, budget: Budget, r: Result) -> None:
     _noop(s, budget, r)
 
 
+def rsync_noop_cold(s: Session, budget: Budget, r: Result) -> None:
+    """The everyday sync: the tree is on the server already, the mount is new (empty
+    cache). rsync lists nothing on the receiving side; it stats every name."""
+    _tree_on_server(s, budget, r, warm=False)
+    s.fresh_mount("rw", budget)
+    _noop(s, budget, r)
+
+
 def rsync_changed(s: Session, budget: Budget, r: Result) -> None:
     _tree_on_server(s, budget, r)
     s.ensure_mount("rw", budget)
@@ -307,6 +318,8 @@ WORKLOADS = [
     Workload(11, "rsync-changed", "rsync -rlt after 1% of files changed", ("returns", "durable"),
              rsync_changed),
     Workload(12, "unmount-pending", "unmount right after an upload", ("time",), unmount_pending),
+    Workload(13, "rsync-noop-cold", "rsync -rlt no-op, fresh mount, tree on the server",
+             ("time",), rsync_noop_cold),
 ]
 BY_ID = {w.id: w for w in WORKLOADS}
 BY_KEY = {w.key: w for w in WORKLOADS}
@@ -327,7 +340,7 @@ def select(spec: str) -> list[Workload]:
         elif part in BY_KEY:
             chosen.add(BY_KEY[part].id)
         else:
-            raise ValueError(f"unknown workload {part!r} (known: 1-12 or {', '.join(BY_KEY)})")
+            raise ValueError(f"unknown workload {part!r} (known: 1-13 or {', '.join(BY_KEY)})")
     unknown = chosen - BY_ID.keys()
     if unknown:
         raise ValueError(f"unknown workload ids {sorted(unknown)}")

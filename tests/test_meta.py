@@ -253,6 +253,28 @@ def test_kernel_keeps_listings_while_fresh(sftp_server, remote_dir, mount, sftpf
     assert sorted(os.listdir(mnt)) == sorted(names + ["mine", "theirs"])
 
 
+def test_rsync_stat_walk_lists_directories_instead_of_stat_per_file(sftp_server, remote_dir,
+                                                                     mount, sftpfs_env, tmp_path):
+    """rsync into a tree that is already on the server stats every name and lists
+    nothing: one LSTAT per file was 44 s for 1,000 files at 40 ms. The second lookup in
+    a directory we have no listing of lists it (and the walk lists the rest ahead)."""
+    make_tree(sftp_server, remote_dir, dirs=10, files=30)
+    src = tmp_path / "src"
+    shutil.copytree(remote_dir, src, copy_function=shutil.copy2)
+    mnt = mount()
+    before = stats(mount, sftpfs_env, mnt)["requests"]
+    out = subprocess.run(["rsync", "-rlti", f"{src}/", f"{mnt}/"], check=True,
+                         capture_output=True, text=True).stdout
+    assert out.strip() == "", f"rsync found differences: {out[:500]}"
+    after = stats(mount, sftpfs_env, mnt)
+    sent = after["requests"] - before
+    # Per directory: a listing (4 requests) and the LSTATs sent before it landed, a
+    # handful here at zero latency; an LSTAT per file would be over 300.
+    assert sent < 200, f"{sent} requests for a no-op rsync of 300 files in 10 directories"
+    assert after["prefetched"] >= 10, after
+    mount.unmount(mnt)
+
+
 def test_walk_from_the_listed_root_prefetches(sftp_server, remote_dir, mount, sftpfs_env):
     """The mount lists the root by itself and nothing below it; a program that then
     reads the root (served from that listing) starts the walk prefetch from it."""

@@ -130,6 +130,8 @@ class Vfs:
                 return a
             if self.meta.absent(path, max_age=self.lister.max_stale):
                 raise _err(errno.ENOENT)
+        if path:
+            self.lister.looked_up(parent_of(path))
         since = self.meta.mark()
         try:
             a = await self.remote.lstat(self.rpath(path))
