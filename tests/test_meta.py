@@ -275,6 +275,30 @@ def test_rsync_stat_walk_lists_directories_instead_of_stat_per_file(sftp_server,
     mount.unmount(mnt)
 
 
+def test_a_directory_that_refuses_listing_is_asked_once(sftp_server, remote_dir, mount,
+                                                         sftpfs_env):
+    """Mode 0311: its names can be looked up, it cannot be listed. Lookups still answer,
+    and the failed listing the lookups started is not retried for every two of them."""
+    locked = remote_dir / "locked"
+    locked.mkdir()
+    for i in range(8):
+        server_write(sftp_server, locked / f"f{i}", b"x" * i)
+    sftp_server.chown(locked)
+    locked.chmod(0o311)
+    mnt = mount()
+    os.listdir(mnt)  # the root, listed at mount
+    before = stats(mount, sftpfs_env, mnt)["requests"]
+    for i in range(8):
+        assert (mnt / "locked" / f"f{i}").stat().st_size == i
+        time.sleep(0.05)  # the listing attempt ends between lookups
+    time.sleep(0.3)
+    sent = stats(mount, sftpfs_env, mnt)["requests"] - before
+    assert sent <= 9, f"{sent} requests: 8 lookups and one refused listing (OPENDIR) expected"
+    with pytest.raises(PermissionError):
+        os.listdir(mnt / "locked")
+    mount.unmount(mnt)
+
+
 def test_walk_from_the_listed_root_prefetches(sftp_server, remote_dir, mount, sftpfs_env):
     """The mount lists the root by itself and nothing below it; a program that then
     reads the root (served from that listing) starts the walk prefetch from it."""

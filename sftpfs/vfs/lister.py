@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 FLUSH_INTERVAL = 2.0
 WALKER_IDLE = 5.0  # seconds without foreground listings after which prefetch pauses
 LOOKUPS_BEFORE_LISTING = 2  # lookups of one unlisted directory's names sent to the server
+UNLISTABLE_FOR = 60.0  # seconds a directory whose listing was refused is not asked again
 
 ListFn = Callable[[bytes], Awaitable[list[tuple[bytes, p.Attrs]]]]
 ChangeFn = Callable[[bytes, list[bytes]], None]
@@ -69,6 +70,7 @@ class Lister:
         self._revalidate_limit = trio.Semaphore(revalidate)
         self._last_foreground = -1e9
         self._lookups: dict[bytes, int] = {}  # unlisted directory -> lookups sent to the server
+        self._refused: dict[bytes, float] = {}  # directory -> when its listing was refused
         self._nursery: trio.Nursery | None = None
         self.stats = {"listed": 0, "prefetched": 0, "revalidated": 0, "served_stale": 0}
 
@@ -118,6 +120,9 @@ class Lister:
         self._lookups.pop(parent, None)
         if parent in self._inflight or parent in self._queued or self.meta.listed(parent):
             return
+        refused = self._refused.get(parent)
+        if refused is not None and trio.current_time() - refused < UNLISTABLE_FOR:
+            return  # e.g. mode 0711: names can be looked up, not listed
         self._queue.appendleft(parent)  # before the walk's guesses: someone is waiting
         self._queued.add(parent)
         self._wake.set()
@@ -255,6 +260,9 @@ class Lister:
                 self.stats["prefetched"] += 1
             except OSError as e:
                 log.debug("prefetch of %r failed: %s", path, e)
+                if len(self._refused) > 10_000:
+                    self._refused.clear()
+                self._refused[path] = trio.current_time()
 
     # ---- persistence ---------------------------------------------------------------
 
