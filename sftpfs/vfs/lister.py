@@ -28,6 +28,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -260,9 +261,10 @@ class Lister:
                 self.stats["prefetched"] += 1
             except OSError as e:
                 log.debug("prefetch of %r failed: %s", path, e)
-                if len(self._refused) > 10_000:
-                    self._refused.clear()
-                self._refused[path] = trio.current_time()
+                if e.errno in (errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR):
+                    if len(self._refused) > 10_000:
+                        self._refused.clear()
+                    self._refused[path] = trio.current_time()
 
     # ---- persistence ---------------------------------------------------------------
 
