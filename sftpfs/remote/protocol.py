@@ -64,6 +64,7 @@ ATTR_PERMISSIONS = 0x04
 ATTR_ACMODTIME = 0x08
 ATTR_EXTENDED = 0x80000000
 
+_TYPE_ID = struct.Struct(">BI")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 
@@ -218,10 +219,14 @@ def string(v: bytes | str) -> bytes:
     return _U32.pack(len(v)) + v
 
 
-def packet(ptype: int, req_id: int | None, *fields: bytes) -> bytes:
-    """Frame one packet: length, type, request id (all but INIT), fields."""
-    body = bytes([ptype]) + (b"" if req_id is None else _U32.pack(req_id)) + b"".join(fields)
-    return _U32.pack(len(body)) + body
+def packet(ptype: int, req_id: int | None, *fields: bytes | memoryview) -> bytes:
+    """Frame one packet: length, type, request id (all but INIT), fields.
+
+    Fields may be views (a WRITE's data): they are copied once, here.
+    """
+    head = bytes([ptype]) if req_id is None else _TYPE_ID.pack(ptype, req_id)
+    size = len(head) + sum(len(f) for f in fields)
+    return b"".join((_U32.pack(size), head, *fields))
 
 
 def parse_version(payload: bytes) -> tuple[int, dict[bytes, bytes]]:

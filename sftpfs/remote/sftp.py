@@ -239,7 +239,8 @@ class SftpSession:
             out.append((w.body[0], p.Reader(w.body, 5)))
         return out
 
-    async def submit(self, ptype: int, *fields: bytes) -> Callable[[], Awaitable[tuple[int, p.Reader]]]:
+    async def submit(self, ptype: int, *fields: bytes | memoryview
+                     ) -> Callable[[], Awaitable[tuple[int, p.Reader]]]:
         """Queue a request now, in call order, and return a function awaiting its reply.
 
         Writes use this: the request is on the wire before the syscall
@@ -369,7 +370,9 @@ class SftpSession:
     async def submit_write(self, handle: bytes, offset: int,
                            data: bytes | memoryview) -> Callable[[], Awaitable[None]]:
         """Put a WRITE on the wire now; the returned function awaits its status."""
-        reply = await self.submit(p.FXP_WRITE, p.string(handle), p.u64(offset), p.string(bytes(data)))
+        # The data goes in as a length and a view: copied once, into the packet.
+        reply = await self.submit(p.FXP_WRITE, p.string(handle), p.u64(offset), p.u32(len(data)),
+                                  data)
 
         async def status() -> None:
             rtype, r = await reply()

@@ -859,9 +859,9 @@ class WriteBack:
             io = self.remote.io_sizes[1]
             for start, end in ranges:
                 for off in range(start, end, CHUNK):
-                    data = os.pread(f.fd, min(CHUNK, end - off), off)
+                    data = memoryview(os.pread(f.fd, min(CHUNK, end - off), off))
                     for sub in range(0, len(data), io):
-                        piece = data[sub:sub + io]
+                        piece = data[sub:sub + io]  # a view: the packet is its one copy
                         statuses.append(await rf.submit_write(off + sub, piece))
                         sent += len(piece)
                         while len(statuses) > WRITES_AHEAD:
