@@ -287,6 +287,28 @@ def test_sigkill_loses_nothing_acknowledged(sftp_server, remote_dir, mount, sftp
     assert not list(remote_dir.glob("*.tmp.*"))
 
 
+def test_a_file_rewritten_here_and_changed_on_the_server_keeps_both(sftp_server, remote_dir,
+                                                                     mount, run_sftpfs):
+    """Someone changes the server's file while our rewrite of it waits (it is still
+    open): theirs stays, ours is saved next to it. The uploader emptied the file's
+    dirty ranges before this check, so a complete rewrite looked partial: ours went to
+    the recovery area instead."""
+    (remote_dir / "doc").write_bytes(b"old " * 100)
+    os.utime(remote_dir / "doc", (1_000_000_000, 1_000_000_000))
+    sftp_server.chown(remote_dir / "doc")
+    mnt = mount(opts=["writeback_delay=30"])
+    with open(mnt / "doc", "r+b") as f:
+        f.truncate(0)
+        f.write(b"ours " * 50)
+        f.flush()
+        (remote_dir / "doc").write_bytes(b"theirs, changed meanwhile")
+        os.utime(remote_dir / "doc", (1_100_000_000, 1_100_000_000))
+    run_sftpfs("sync", mnt, timeout=120)
+    assert (remote_dir / "doc").read_bytes() == b"theirs, changed meanwhile"
+    copies = list(remote_dir.glob("doc.sftpfs-conflict-*"))
+    assert len(copies) == 1 and copies[0].read_bytes() == b"ours " * 50, copies
+
+
 def test_writeback_off_is_synchronous(sftp_server, remote_dir, mount):
     mnt = mount(opts=["writeback=off"])
     (mnt / "now").write_bytes(b"at once")

@@ -205,7 +205,12 @@ class DirtyFile:
     unfinished: int = 0  # ops naming this file that have not finished
 
     def fully_dirty(self) -> bool:
-        return self.new or self.ranges.covers(0, self.size) or self.size == 0
+        """Every byte is ours, counting those an upload has taken (`inflight`)."""
+        if self.new or self.size == 0:
+            return True
+        every = Ranges(list(self.ranges))
+        every.update(self.inflight)
+        return every.covers(0, self.size)
 
 
 @dataclass(eq=False)
@@ -421,7 +426,10 @@ class WriteBack:
         if f is not None and changes.mtime is not None:
             f.mtime = changes.mtime  # an upload sets the server's mtime to this
         if not self._fold(path, args, follow):
-            self._op("setattr", (path,), follow=follow, **args)
+            # Which dirty file this is *now*: at its turn in the replay the op's path names
+            # the same file on the server, while by then `by_path` may name another (renames).
+            extra = {"base_of": f.id} if f is not None else {}
+            self._op("setattr", (path,), follow=follow, **args, **extra)
 
     def _fold(self, path: bytes, args: dict, follow: bool) -> bool:
         """Merge attribute changes into the path's newest op if it has not started.
@@ -769,7 +777,7 @@ class WriteBack:
                 ch.uid, ch.gid = a.get("uid", cur.uid), a.get("gid", cur.gid)
             if ch != p.Attrs():
                 after = await self.remote.setstat(rp, ch, follow=a.get("follow", True))
-                f = self.by_path.get(path)
+                f = self.files.get(a["base_of"]) if "base_of" in a else None
                 if f is not None and after is not None and not f.new:
                     f.base = (after.size, after.mtime)  # our own change is no conflict
         elif op.kind == "rename":
