@@ -151,7 +151,8 @@ async def _enable_writeback(cfg: MountConfig, vfs: Vfs, cache_dir: Path) -> None
         free = shutil.disk_usage(cache_dir).free
         limit = max(64 << 20, min(4 << 30, free // 4))
     try:
-        vfs.enable_writeback(delay=cfg.writeback_delay, dirty_limit=limit)
+        vfs.enable_writeback(delay=cfg.writeback_delay, dirty_limit=limit,
+                             stall_timeout=cfg.timeout)
     except OSError as e:
         raise MountError(f"write-back journal in {cache_dir}: {e.strerror or e}") from None
 

@@ -410,6 +410,21 @@ class SftpServer:
         return len(pids)
 
     @contextlib.contextmanager
+    def down(self):
+        """No server for the block (connections refused), then sshd again on its port."""
+        self._kill()
+        try:
+            yield
+        finally:
+            self.proc = subprocess.Popen(
+                [sshd_path(), "-D", "-f", str(self.sshd_config), "-E", str(self.log)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                start_new_session=True)
+            ok, err = self._wait_banner(timeout=15)
+            if not ok:
+                raise ServerError(f"sshd did not restart: {err}")
+
+    @contextlib.contextmanager
     def paused(self):
         """Freeze the per-connection sshd processes (SIGSTOP) for the block: requests
         sent meanwhile wait, as on a stalled link, and are answered afterwards."""

@@ -118,3 +118,23 @@ def test_the_root_is_no_entry_of_its_own_listing():
     m.pin(b"")
     m.put_absent(b"")
     assert [n for n, _a in m.listing(b"")] == [b"a"]
+
+
+def test_answers_about_a_tree_moved_away_meanwhile_are_dropped():
+    """A listing or lstat asked before its directory (or one above) was renamed or
+    removed describes a tree that is no longer there: it must not be stored."""
+    m, _ = cache()
+    m.put_listing(b"", [(b"d1", D)])
+    m.put_listing(b"d1", [(b"sub", D)])
+    since = m.mark()  # a listing of d1/sub and an lstat of d1/sub/f go out
+    m.renamed(b"d1", b"d2")
+    m.put_listing(b"d1/sub", [(b"f", F)], since)
+    m.put_attrs_if_unchanged(b"d1/sub/f", F, since)
+    assert not m.listed(b"d1/sub") and m.attrs(b"d1/sub/f") is None
+    since = m.mark()
+    m.put_listing(b"d2/sub", [(b"f", F)], since)  # asked after the rename: kept
+    assert [n for n, _ in m.listing(b"d2/sub")] == [b"f"]
+    since = m.mark()
+    m.renamed(b"other", b"d2")  # replaces d2: what was asked about d2 before is void
+    m.put_listing(b"d2/sub", [(b"g", F)], since)
+    assert not m.listed(b"d2/sub")

@@ -20,6 +20,12 @@ from pathlib import Path
 import pytest
 
 from .test_meta import daemon_pid, stats
+from .test_tools import server_file
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def sync(run_sftpfs, mnt: Path) -> subprocess.CompletedProcess:
@@ -119,6 +125,51 @@ def test_append_truncate_and_renames_with_pending_children(sftp_server, remote_d
     assert (remote_dir / "log").read_bytes() == b"abcdef"
     assert (remote_dir / "e" / "sub" / "f").read_bytes() == expected
     assert not (remote_dir / "d").exists()
+
+
+def test_server_names_below_a_rename_not_yet_uploaded(sftp_server, remote_dir, mount, run_sftpfs):
+    """A directory renamed here, its rename still queued: what is below it and not cached
+    must be asked at the server only once the rename is there (it was ENOENT)."""
+    server_file(sftp_server, remote_dir / "d1" / "sub" / "f", b"in d1\n")
+    server_file(sftp_server, remote_dir / "d1" / "sub" / "deep" / "g", b"g\n")
+    os.symlink("f", remote_dir / "d1" / "sub" / "link")
+    sftp_server.chown(remote_dir)
+    # No background listings (prefetch=0): nothing below d1 is cached by chance.
+    mnt = mount(opts=["writeback_delay=30", "prefetch=0"])
+    (mnt / "d1" / "new").write_bytes(b"pending")  # holds the rename back for 30 s
+    os.rename(mnt / "d1", mnt / "d2")
+    assert (mnt / "d2" / "sub" / "f").read_bytes() == b"in d1\n"
+    assert sorted(os.listdir(mnt / "d2" / "sub" / "deep")) == ["g"]
+    assert os.readlink(mnt / "d2" / "sub" / "link") == "f"
+    assert sorted(os.listdir(mnt / "d2")) == ["new", "sub"]
+    assert not (mnt / "d1").exists()
+    sync(run_sftpfs, mnt)
+    assert (remote_dir / "d2" / "new").read_bytes() == b"pending"
+    assert (remote_dir / "d2" / "sub" / "f").read_bytes() == b"in d1\n"
+    assert not (remote_dir / "d1").exists()
+
+
+def test_lookup_below_a_queued_rename_gives_up_on_a_dead_server(sftp_server, remote_dir, mount,
+                                                               run_sftpfs, sftpfs_env):
+    """Waiting for the rename to reach the server is bounded: no syscall hangs, and
+    the uploader, urged on by the wait, does not spin against the dead server."""
+    server_file(sftp_server, remote_dir / "d1" / "sub" / "f", b"in d1\n")
+    sftp_server.chown(remote_dir)
+    mnt = mount(opts=["writeback_delay=30", "prefetch=0", "timeout=2"])
+    assert os.listdir(mnt) == ["d1"]  # the rename is then decided here, without the server
+    with sftp_server.down():
+        os.rename(mnt / "d1", mnt / "d2")
+        t0 = time.monotonic()
+        with pytest.raises(OSError) as e:
+            (mnt / "d2" / "sub" / "f").stat()
+        assert e.value.errno == errno.ETIMEDOUT
+        assert time.monotonic() - t0 < 20
+        cpu = _cpu_seconds(daemon_pid(sftpfs_env, mnt))
+        time.sleep(4)  # reconnects fail meanwhile, then wait out their backoff
+        assert _cpu_seconds(daemon_pid(sftpfs_env, mnt)) - cpu < 0.5, "daemon busy while waiting"
+    sync(run_sftpfs, mnt)
+    assert (mnt / "d2" / "sub" / "f").read_bytes() == b"in d1\n"
+    assert (remote_dir / "d2" / "sub" / "f").read_bytes() == b"in d1\n"
 
 
 def test_partial_overwrite_uploads_only_what_changed(sftp_server, remote_dir, mount, run_sftpfs):

@@ -103,8 +103,7 @@ class Deferred:
         for op in reversed(self.wb.ops):
             if op.state != "done" and op.kind == "symlink" and op.paths[-1] == path:
                 return op.args["target"].encode("latin-1")
-        if self.meta.pinned(path):
-            await self.wb.settle(path)  # e.g. renamed while pending: ask the server
+        await self.vfs.settle_for_server(path)  # e.g. renamed while pending: ask the server
         return None
 
     async def link(self, src: bytes, dst: bytes) -> p.Attrs:
@@ -223,8 +222,7 @@ class Deferred:
         dirty = self.wb.file_for(path)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
         if dirty is None and not writable:
-            if self.meta.pinned(path):
-                await self.wb.settle(path)  # e.g. renamed, not yet on the server
+            await self.vfs.settle_for_server(path)  # e.g. renamed, not yet on the server
             return None
         a = await self._lookup(path)
         if a is None:

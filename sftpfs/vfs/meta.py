@@ -120,6 +120,16 @@ class MetaCache:
     def changed_since(self, path: bytes, since: int) -> bool:
         return self._changed.get(path, 0) > since
 
+    def _moved_since(self, path: bytes, since: int) -> bool:
+        """`path` or a directory above it was removed or renamed after `since`: an
+        answer about it describes a tree that is no longer there."""
+        while True:
+            if self._changed.get(b"\0gone\0" + path, 0) > since:
+                return True
+            if not path:
+                return False
+            path = parent_of(path)
+
     def _entries_changed_since(self, path: bytes, since: int) -> bool:
         return self._changed.get(b"\0entries\0" + path, 0) > since
 
@@ -197,7 +207,7 @@ class MetaCache:
 
     def put_attrs_if_unchanged(self, path: bytes, attrs: Attrs, since: int) -> None:
         """Store an answer requested at `since`, unless the path changed after that."""
-        if not self.changed_since(path, since):
+        if not self.changed_since(path, since) and not self._moved_since(path, since):
             self.put_attrs(path, attrs)
 
     def put_listing(self, path: bytes, entries: Iterable[tuple[bytes, Attrs]],
@@ -211,6 +221,8 @@ class MetaCache:
         untouched names are kept, the listing is not. `fetched` backdates an
         old listing (loaded from disk).
         """
+        if since is not None and self._moved_since(path, since):
+            return []
         at = self.clock() if fetched is None else fetched
         old = self._dirs.get(path)
         names = set()
@@ -339,6 +351,7 @@ class MetaCache:
 
     def _drop_tree(self, top: bytes) -> None:
         self._bump(top)
+        self._changed[b"\0gone\0" + top] = self._tick
         if not self._has_subtree(top):
             self._attrs.pop(top, None)
             return

@@ -100,7 +100,15 @@ class Vfs:
             await trio.sleep_forever()
 
     async def _list_remote(self, path: bytes) -> list[tuple[bytes, p.Attrs]]:
+        await self.settle_for_server(path)
         return await self.remote.listdir(self.rpath(path))
+
+    async def settle_for_server(self, path: bytes) -> None:
+        """Before asking the server about `path`: our pending changes to it or above it
+        must be there first, else it answers about the old tree (ENOENT below a renamed
+        directory whose rename is still queued)."""
+        if self.deferred is not None and self.deferred.wb.unsettled(path):
+            await self.deferred.wb.settle(path, patient=False)
 
     def rpath(self, path: bytes) -> bytes:
         return self.root + b"/" + path if path else (self.root or b"/")
@@ -132,6 +140,7 @@ class Vfs:
                 raise _err(errno.ENOENT)
         if path:
             self.lister.looked_up(parent_of(path))
+        await self.settle_for_server(path)
         since = self.meta.mark()
         try:
             a = await self.remote.lstat(self.rpath(path))

@@ -256,7 +256,7 @@ _held_locks: list[int] = []
 class WriteBack:
     def __init__(self, remote: Remote, rpath: Callable[[bytes], bytes], meta: MetaCache,
                  directory: Path, *, delay: float = 0.5, dirty_limit: int = 2 << 30,
-                 parallel: int = 48) -> None:
+                 parallel: int = 48, stall_timeout: float = 30.0) -> None:
         self.remote = remote
         self.rpath = rpath
         self.meta = meta
@@ -266,6 +266,7 @@ class WriteBack:
         self.delay = delay
         self.dirty_limit = dirty_limit
         self.parallel = parallel
+        self.stall_timeout = stall_timeout
         self.journal = Journal(directory / "journal")
         self.ops: list[Op] = []
         self.files: dict[int, DirtyFile] = {}
@@ -276,6 +277,7 @@ class WriteBack:
         self._last_op: dict[bytes, Op] = {}  # the newest unfinished op naming each path
         self._last_below: dict[bytes, Op] = {}  # the newest unfinished op naming a path below
         self._done_count = 0
+        self._finished_total = 0
         self._seq = 0
         self._next_file = 1
         self._running = 0
@@ -320,6 +322,7 @@ class WriteBack:
         """`op` is finished (done or failed): release what it held."""
         op.state = "done"
         self._done_count += 1
+        self._finished_total += 1
         f = self.files.get(op.args.get("file", -1))
         if f is not None:
             f.unfinished -= 1
@@ -552,14 +555,37 @@ class WriteBack:
                     return True
         return False
 
-    async def settle(self, path: bytes, *, below: bool = False) -> None:
+    def unsettled(self, path: bytes) -> bool:
+        """A change to `path` or to a directory above it is not on the server yet, so
+        the server would answer about the old tree (a renamed directory's contents)."""
+        return path in self._path_ops or any(a in self._path_ops for a in _ancestors(path))
+
+    async def settle(self, path: bytes, *, below: bool = False, patient: bool = True) -> None:
         """Wait until every change made so far to `path` (its ancestors, and with
-        `below` its descendants) is on the server, or failed."""
+        `below` its descendants) is on the server, or failed.
+
+        Not `patient`: give up with ETIMEDOUT once nothing has moved towards the
+        server for `stall_timeout` (a lookup must not hang on a dead link; an
+        fsync must, as long as the mount lives).
+        """
         upto = self._seq
         self._urgent = True
         self._wake.set()
+        moved, since = self._motion(), trio.current_time()
         while self.pending_for(path, below=below, upto=upto):
-            await self._wait_progress()
+            if patient:
+                await self._wait_progress()
+                continue
+            with trio.move_on_after(1.0):
+                await self._wait_progress()
+            if self._motion() != moved:
+                moved, since = self._motion(), trio.current_time()
+            elif trio.current_time() - since >= self.stall_timeout:
+                raise OSError(errno.ETIMEDOUT, "changes here are not reaching the server")
+
+    def _motion(self) -> tuple[int, int, int]:
+        """Changes as the uploader advances: ops finishing, requests going out."""
+        return self._finished_total, self.remote.generation, self.remote.requests
 
     async def sync_all(self, progress: Callable[[dict], None] | None = None) -> bool:
         """Wait until everything changed so far is on the server; False if some failed."""
@@ -638,7 +664,9 @@ class WriteBack:
             blocked = any(q in busy or q in busy_above or self._ancestor_in(q, busy)
                           for q in op.paths)
             if op.state == "pending" and not blocked and self._running < self.parallel:
-                if op.ready_at <= now or self._urgent:
+                # Urgency (a sync waits) skips the write-back delay, not a retry's backoff:
+                # against a dead server that would spin.
+                if op.ready_at <= now or (self._urgent and not op.attempts):
                     op.state = "running"
                     self._running += 1
                     nursery.start_soon(self._execute, op)
