@@ -155,7 +155,7 @@ class SftpSession:
         with self._send_lock:
             if self._backlog == 0 and self.chan.out_window_size >= len(data) + 1024:
                 try:
-                    self.chan.sendall(data)
+                    self.chan.sendall(memoryview(data))
                 except Exception as e:  # noqa: BLE001
                     self.close(f"SFTP send failed: {e}")
                 return
@@ -168,7 +168,7 @@ class SftpSession:
             if data is None:
                 return
             try:
-                self.chan.sendall(data)
+                self.chan.sendall(memoryview(data))
             except Exception as e:  # noqa: BLE001
                 try:
                     self._token.run_sync_soon(self.close, f"SFTP send failed: {e}")
