@@ -178,10 +178,11 @@ def files_equal(a: Path, b: Path) -> bool:
         return False
 
 
-def poll(cond, deadline: float, interval: float = 0.05) -> float | None:
+def poll(cond, deadline: float, interval: float = 0.005) -> float | None:
     """Monotonic time at which cond() first held, or None if it did not by deadline.
     A costly check (walking a big tree) is spaced out so that the harness takes at
-    most a fifth of a core from the system it measures."""
+    most a fifth of a core from the system it measures; a cheap one (a stat) is
+    repeated often, so that the time found is late by little more than the check."""
     while True:
         t0 = time.monotonic()
         if cond():

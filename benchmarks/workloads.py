@@ -224,7 +224,7 @@ def cp_big_in(s: Session, budget: Budget, r: Result) -> None:
     t0 = time.monotonic()
     secs, _ = s.run(["cp", str(s.data.big), str(s.mnt / "big.bin")], budget)
     r.seconds["returns"] = secs
-    done = poll(lambda: files_equal(s.data.big, target), time.monotonic() + budget.left(), 0.1)
+    done = poll(lambda: files_equal(s.data.big, target), time.monotonic() + budget.left())
     if done is None:
         budget.left()
         raise Failed("big.bin on the server differs from the source")
