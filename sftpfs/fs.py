@@ -341,7 +341,7 @@ class Operations(pyfuse3.Operations):
         path = self.inodes.path(inode)
         listing = await self.vfs.listdir(path)
         here = await self.vfs.getattr(path)
-        up = await self.vfs.getattr(parent_of(path)) if path else here
+        up = await self.vfs.known_attrs(parent_of(path)) if path else here
         fh = self._new_fh()
         # A snapshot: offsets stay stable while the directory changes.
         snapshot = self._dirs[fh] = [(b".", here), (b"..", up), *listing]

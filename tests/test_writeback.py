@@ -149,6 +149,26 @@ def test_server_names_below_a_rename_not_yet_uploaded(sftp_server, remote_dir, m
     assert not (remote_dir / "d1").exists()
 
 
+def test_what_we_hold_below_a_queued_rename_answers_without_the_server(sftp_server, remote_dir,
+                                                                       mount):
+    """Listings and attributes below a directory whose rename is queued are ours to
+    give, expired or not: the server would only be waited for."""
+    server_file(sftp_server, remote_dir / "d1" / "f", b"f\n")
+    sftp_server.chown(remote_dir)
+    mnt = mount(opts=["writeback_delay=30", "prefetch=0", "cache_timeout=1", "timeout=3",
+                      "attr_timeout=0", "entry_timeout=0", "negative_timeout=0"])
+    assert sorted(os.listdir(mnt / "d1")) == ["f"]
+    (mnt / "d1" / "new").write_bytes(b"pending")  # holds the rename back for 30 s
+    os.rename(mnt / "d1", mnt / "d2")
+    with sftp_server.paused():
+        time.sleep(1.5)  # every cached answer has expired
+        t0 = time.monotonic()
+        assert sorted(os.listdir(mnt / "d2")) == ["f", "new"]
+        assert (mnt / "d2" / "f").stat().st_size == 2
+        assert not (mnt / "d2" / "nope").exists()
+        assert time.monotonic() - t0 < 1, "answered by the server, which is not answering"
+
+
 def test_lookup_below_a_queued_rename_gives_up_on_a_dead_server(sftp_server, remote_dir, mount,
                                                                run_sftpfs, sftpfs_env):
     """Waiting for the rename to reach the server is bounded: no syscall hangs, and
@@ -336,6 +356,29 @@ def test_sigkill_loses_nothing_acknowledged(sftp_server, remote_dir, mount, sftp
         assert p.exists(), f"{name} was acknowledged but is not on the server"
         assert hashlib.sha256(p.read_bytes()).hexdigest() == digest, f"{name} is corrupt"
     assert not list(remote_dir.glob("*.tmp.*"))
+
+
+def test_a_directory_renamed_before_a_crash_is_there_while_its_rename_is_replayed(
+        sftp_server, remote_dir, mount, sftpfs_env, run_sftpfs):
+    """After a restart nothing is cached: the target of a queued rename of a server
+    directory was ENOENT until the uploads ahead of the rename were done."""
+    server_file(sftp_server, remote_dir / "d1" / "old", b"old\n")
+    sftp_server.chown(remote_dir)
+    mnt = mount(opts=["writeback_delay=30"])
+    payload = os.urandom(64 << 20)
+    (mnt / "d1" / "big").write_bytes(payload)  # waits 30 s; the rename waits behind it
+    os.rename(mnt / "d1", mnt / "d2")
+    os.kill(daemon_pid(sftpfs_env, mnt), signal.SIGKILL)
+    subprocess.run(["fusermount3", "-uz", str(mnt)], check=False)
+    mnt = mount(mnt=mnt, opts=["writeback_delay=30"])  # replays: big uploads, then the rename
+    assert not (remote_dir / "d2").exists(), "the replay was done before the test looked"
+    assert (mnt / "d2").is_dir()
+    assert sorted(os.listdir(mnt / "d2")) == ["big", "old"]
+    assert (mnt / "d2" / "old").read_bytes() == b"old\n"
+    assert not (mnt / "d1").exists()
+    sync(run_sftpfs, mnt)
+    assert (remote_dir / "d2" / "big").read_bytes() == payload
+    assert not (remote_dir / "d1").exists()
 
 
 def test_a_file_rewritten_here_and_changed_on_the_server_keeps_both(sftp_server, remote_dir,

@@ -107,7 +107,8 @@ class Vfs:
         """Before asking the server about `path`: our pending changes to it or above it
         must be there first, else it answers about the old tree (ENOENT below a renamed
         directory whose rename is still queued)."""
-        if self.deferred is not None and self.deferred.wb.unsettled(path):
+        if self._unsettled(path):
+            assert self.deferred is not None
             await self.deferred.wb.settle(path, patient=False)
 
     def rpath(self, path: bytes) -> bytes:
@@ -131,6 +132,12 @@ class Vfs:
             return await self._pinned_attrs(path)
         if len(path.rpartition(b"/")[2]) > NAME_MAX:
             raise _err(errno.ENAMETOOLONG)
+        if path and self._unsettled(parent_of(path)):
+            a = self.meta.attrs(path, max_age=float("inf"))
+            if a is not None:
+                return a
+            if self.meta.absent(path, max_age=float("inf")):
+                raise _err(errno.ENOENT)
         if path and await self.lister.usable(parent_of(path)):
             # The parent's listing answers, stale or not (then it is being revalidated).
             a = self.meta.attrs(path, max_age=self.lister.max_stale)
@@ -151,23 +158,45 @@ class Vfs:
         self.meta.put_attrs_if_unchanged(path, a, since)
         return a
 
+    async def known_attrs(self, path: bytes) -> p.Attrs:
+        """Attributes of any age: enough for a listing's "..", of which the kernel
+        uses the type (an expired parent cost every opendir a round trip)."""
+        return self.meta.attrs(path, max_age=float("inf")) or await self.getattr(path)
+
     async def listdir(self, path: bytes) -> list[tuple[bytes, p.Attrs]]:
+        if self._unsettled(path):
+            held = self.meta.listing(path, max_age=float("inf"))
+            if held is not None:
+                return held
         return await self.lister.listdir(path)
+
+    def _unsettled(self, path: bytes) -> bool:
+        """Changes to `path` or above are still queued (say, its directory was renamed
+        and the rename waits behind uploads): what we hold, with our pending changes,
+        is more current than the server, which would have to be waited for. Seeing
+        others' changes there waits until ours are uploaded."""
+        return self.deferred is not None and self.deferred.wb.unsettled(path)
 
     async def _pinned_attrs(self, path: bytes) -> p.Attrs:
         """Attributes of a path with pending changes but none cached (after a restart)."""
         assert self.deferred is not None
-        try:
-            server: p.Attrs | None = await self.remote.lstat(self.rpath(path))
-        except SftpError as e:
-            if e.errno != errno.ENOENT:
-                raise
-            server = None
-        a = self.deferred.wb.overlay(path, server)
-        if a is None:
-            raise _err(errno.ENOENT)
-        self.meta.put_local(path, a)
-        return a
+        for settled in (False, True):
+            try:
+                server: p.Attrs | None = await self.remote.lstat(self.rpath(path))
+            except SftpError as e:
+                if e.errno != errno.ENOENT:
+                    raise
+                server = None
+            a = self.deferred.wb.overlay(path, server)
+            if a is not None:
+                self.meta.put_local(path, a)
+                return a
+            if settled:
+                break
+            # E.g. the target of a queued rename of a server directory: neither we
+            # nor the server can tell its attributes until the rename is there.
+            await self.settle_for_server(path)
+        raise _err(errno.ENOENT)
 
     async def readlink(self, path: bytes) -> bytes:
         if self.deferred is not None:
