@@ -1,5 +1,7 @@
 """Metadata cache: freshness, negative entries, and our own changes."""
 
+import time
+
 from sftpfs.remote.protocol import Attrs
 from sftpfs.vfs.meta import MetaCache
 
@@ -138,3 +140,17 @@ def test_answers_about_a_tree_moved_away_meanwhile_are_dropped():
     m.renamed(b"other", b"d2")  # replaces d2: what was asked about d2 before is void
     m.put_listing(b"d2/sub", [(b"g", F)], since)
     assert not m.listed(b"d2/sub")
+
+
+def test_a_long_run_of_removals_does_not_rebuild_the_change_counter_each_time():
+    """Each removal makes two keys (its change and its "gone" mark): pruning at a
+    fixed size left the counter above it, and every later change rebuilt it."""
+    m, _ = cache()
+    m.put_listing(b"", [])
+    for i in range(100_200):
+        m.removed(b"f%d" % i)
+    t0 = time.perf_counter()
+    for i in range(1_000):
+        m.removed(b"g%d" % i)
+    assert time.perf_counter() - t0 < 2  # ~0.01 s; rebuilding each time: ~15 s
+    assert len(m._changed) <= m._prune_at

@@ -222,8 +222,7 @@ class Deferred:
         dirty = self.wb.file_for(path)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
         if dirty is None and not writable:
-            await self.vfs.settle_for_server(path)  # e.g. renamed, not yet on the server
-            return None
+            return None  # from the cache or the server (Vfs.open)
         a = await self._lookup(path)
         if a is None:
             raise _err(errno.ENOENT)

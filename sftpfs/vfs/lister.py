@@ -48,13 +48,15 @@ UNLISTABLE_FOR = 60.0  # seconds a directory whose listing was refused is not as
 
 ListFn = Callable[[bytes], Awaitable[list[tuple[bytes, p.Attrs]]]]
 ChangeFn = Callable[[bytes, list[bytes]], None]
+SettleFn = Callable[[bytes], Awaitable[None]]
 
 
 class Lister:
     def __init__(self, list_remote: ListFn, meta: MetaCache, store: MetaStore | None, *,
                  max_stale: float, prefetch: int = 32, prefetch_queue: int = 2000,
-                 revalidate: int = 8) -> None:
+                 revalidate: int = 8, before_listing: SettleFn | None = None) -> None:
         self._list_remote = list_remote
+        self._before_listing = before_listing  # waits for our queued changes to reach the server
         self.meta = meta
         self.store = store
         self.max_stale = max_stale
@@ -158,6 +160,8 @@ class Lister:
         ev = self._inflight[path] = trio.Event()
         try:
             for _attempt in range(3):
+                if self._before_listing is not None:
+                    await self._before_listing(path)
                 since = self.meta.mark()
                 entries = await self._list_remote(path)
                 self.stats["listed"] += 1

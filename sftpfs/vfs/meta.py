@@ -58,6 +58,7 @@ class MetaCache:
         # Bumped by every change of a path's attributes, so an answer that was
         # requested before a change can be told apart and dropped.
         self._changed: dict[bytes, int] = {}
+        self._prune_at = 200_000
         self._tick = 0
         # Paths with changes not yet on the server (write-back): what the
         # server says about them is not the truth yet, so it is not stored.
@@ -112,10 +113,13 @@ class MetaCache:
         self._changed[b"\0entries\0" + parent] = self._tick  # its listing changed too
         if parent in self._dirs:
             self.dirty.add(parent)
-        if len(self._changed) > 200_000:
-            # Requests in flight span a few thousand changes at most.
+        if len(self._changed) > self._prune_at:
+            # Requests in flight span a few thousand changes at most. A change makes up
+            # to three keys: prune again only once the rest has doubled, or a run of
+            # changes would rebuild the dict at every one.
             horizon = self._tick - 100_000
             self._changed = {k: v for k, v in self._changed.items() if v > horizon}
+            self._prune_at = max(200_000, 2 * len(self._changed))
 
     def changed_since(self, path: bytes, since: int) -> bool:
         return self._changed.get(path, 0) > since

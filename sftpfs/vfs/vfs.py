@@ -68,7 +68,7 @@ class Vfs:
         self.meta = MetaCache(meta_ttl)
         store = MetaStore(cache_dir) if cache_dir is not None and max_stale > meta_ttl else None
         self.lister = Lister(self._list_remote, self.meta, store, max_stale=max_stale,
-                             prefetch=prefetch)
+                             prefetch=prefetch, before_listing=self.settle_for_server)
         self.readonly = readonly
         self.open_files: set[OpenFile] = set()
         self.reads = ReadAhead(self, reads)  # block cache, read-ahead, directory prefetch
@@ -100,7 +100,6 @@ class Vfs:
             await trio.sleep_forever()
 
     async def _list_remote(self, path: bytes) -> list[tuple[bytes, p.Attrs]]:
-        await self.settle_for_server(path)
         return await self.remote.listdir(self.rpath(path))
 
     async def settle_for_server(self, path: bytes) -> None:
@@ -136,8 +135,8 @@ class Vfs:
             a = self.meta.attrs(path, max_age=float("inf"))
             if a is not None:
                 return a
-            if self.meta.absent(path, max_age=float("inf")):
-                raise _err(errno.ENOENT)
+            # A name missing from an old listing may be someone else's new file by
+            # now, which a create here would overwrite: that takes the server.
         if path and await self.lister.usable(parent_of(path)):
             # The parent's listing answers, stale or not (then it is being revalidated).
             a = self.meta.attrs(path, max_age=self.lister.max_stale)
@@ -347,6 +346,7 @@ class Vfs:
             if local is not None:
                 self.open_files.add(local)
                 return local, False
+        await self.settle_for_server(path)  # e.g. renamed here, not yet on the server
         rf = self.remote.open(self.rpath(path), open_flags_to_pflags(flags))
         # Compare with what the kernel may hold: our last answer, however old.
         cached = self.meta.attrs(path, max_age=float("inf"))

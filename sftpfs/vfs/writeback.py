@@ -222,6 +222,7 @@ class Op:
     ready_at: float = 0.0
     state: str = "pending"  # pending running done failed
     attempts: int = 0
+    hurry: bool = False  # someone waits for it: no write-back delay (not journaled)
 
     def record(self) -> dict:
         return {"op": self.kind, "seq": self.seq, "paths": [_enc(x) for x in self.paths],
@@ -274,6 +275,7 @@ class WriteBack:
         self.failures: list[dict] = []
         self.errors: dict[bytes, OSError] = {}  # by local path, returned at next flush/fsync
         self._path_ops: dict[bytes, int] = {}  # unfinished ops per path: pins live while > 0
+        self._moves: dict[bytes, int] = {}  # unfinished ops per path that move things on the server
         self._last_op: dict[bytes, Op] = {}  # the newest unfinished op naming each path
         self._last_below: dict[bytes, Op] = {}  # the newest unfinished op naming a path below
         self._done_count = 0
@@ -313,6 +315,8 @@ class WriteBack:
             for up in _ancestors(path):
                 self._last_below[up] = op
             self._path_ops[path] = self._path_ops.get(path, 0) + 1
+            if op.kind not in ("data", "setattr"):
+                self._moves[path] = self._moves.get(path, 0) + 1
             if op.kind in ("unlink", "rmdir") or (op.kind == "rename" and path == op.paths[0]):
                 self.meta.pin_absent(path)
             else:
@@ -338,6 +342,12 @@ class WriteBack:
                 self.meta.unpin(path)
             else:
                 self._path_ops[path] = n
+            if op.kind not in ("data", "setattr"):
+                n = self._moves.get(path, 1) - 1
+                if n <= 0:
+                    self._moves.pop(path, None)
+                else:
+                    self._moves[path] = n
         if op.kind == "rename":
             # Pins moved below the new name by the rename outlive the ops that made
             # them (those ops name the old paths): release them now.
@@ -546,33 +556,33 @@ class WriteBack:
 
     # ---- barriers -------------------------------------------------------------------------
 
-    def pending_for(self, path: bytes, *, below: bool, upto: int) -> bool:
-        for op in self.ops:
-            if op.seq > upto or op.state == "done":
-                continue
-            for q in op.paths:
-                if is_below(path, q) or (below and is_below(q, path)):
-                    return True
-        return False
+    def _waited_for(self, path: bytes, *, below: bool) -> list[Op]:
+        """Unfinished ops naming `path` or a directory above it (with `below`, also
+        anything inside it)."""
+        return [op for op in self.ops if op.state != "done" and any(
+            is_below(path, q) or (below and is_below(q, path)) for q in op.paths)]
 
     def unsettled(self, path: bytes) -> bool:
-        """A change to `path` or to a directory above it is not on the server yet, so
-        the server would answer about the old tree (a renamed directory's contents)."""
-        return path in self._path_ops or any(a in self._path_ops for a in _ancestors(path))
+        """A queued change moves `path` or a directory above it on the server (a
+        rename, a mkdir, a removal...), so the server would answer about the old tree."""
+        return path in self._moves or any(a in self._moves for a in _ancestors(path))
 
     async def settle(self, path: bytes, *, below: bool = False, patient: bool = True) -> None:
         """Wait until every change made so far to `path` (its ancestors, and with
         `below` its descendants) is on the server, or failed.
 
-        Not `patient`: give up with ETIMEDOUT once nothing has moved towards the
-        server for `stall_timeout` (a lookup must not hang on a dead link; an
-        fsync must, as long as the mount lives).
+        Those changes, and the earlier ones they wait for, skip the write-back
+        delay; the rest of the queue keeps it. Not `patient`: give up with
+        ETIMEDOUT once nothing has moved towards the server for `stall_timeout`
+        (a lookup must not hang on a dead link; an fsync must, as long as the
+        mount lives).
         """
-        upto = self._seq
-        self._urgent = True
-        self._wake.set()
+        waited = self._waited_for(path, below=below)
+        if not waited:
+            return
+        self._hurry(waited)
         moved, since = self._motion(), trio.current_time()
-        while self.pending_for(path, below=below, upto=upto):
+        while any(op.state != "done" for op in waited):
             if patient:
                 await self._wait_progress()
                 continue
@@ -582,6 +592,24 @@ class WriteBack:
                 moved, since = self._motion(), trio.current_time()
             elif trio.current_time() - since >= self.stall_timeout:
                 raise OSError(errno.ETIMEDOUT, "changes here are not reaching the server")
+
+    def _hurry(self, ops: list[Op]) -> None:
+        """Let `ops` and every earlier op they wait for (transitively: the same
+        path, a directory above, or something inside) skip the delay."""
+        last = max(op.seq for op in ops)
+        wanted = {id(op) for op in ops}
+        paths: set[bytes] = set()
+        above: set[bytes] = set()
+        for op in reversed(self.ops):  # an op only ever waits for earlier ones
+            if op.seq > last or op.state == "done":
+                continue
+            if id(op) in wanted or any(q in paths or q in above or any(a in paths for a in _ancestors(q))
+                                for q in op.paths):
+                op.hurry = True
+                paths.update(op.paths)
+                for q in op.paths:
+                    above.update(_ancestors(q))
+        self._wake.set()
 
     def _motion(self) -> tuple[int, int, int]:
         """Changes as the uploader advances: ops finishing, requests going out."""
@@ -664,9 +692,10 @@ class WriteBack:
             blocked = any(q in busy or q in busy_above or self._ancestor_in(q, busy)
                           for q in op.paths)
             if op.state == "pending" and not blocked and self._running < self.parallel:
-                # Urgency (a sync waits) skips the write-back delay, not a retry's backoff:
-                # against a dead server that would spin.
-                if op.ready_at <= now or (self._urgent and not op.attempts):
+                # Urgency (someone waits) skips the write-back delay, and a retry's
+                # backoff only once connected again: against a dead server it spun.
+                if op.ready_at <= now or ((self._urgent or op.hurry) and
+                                          (not op.attempts or self.remote.connected)):
                     op.state = "running"
                     self._running += 1
                     nursery.start_soon(self._execute, op)
