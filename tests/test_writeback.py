@@ -188,6 +188,24 @@ def test_waiting_for_a_rename_hurries_only_what_it_waits_for(sftp_server, remote
         assert not (remote_dir / "held").exists(), "an unrelated file skipped its delay"
 
 
+def test_background_listings_do_not_wait_for_queued_renames(sftp_server, remote_dir, mount):
+    """The server's listing still shows a directory renamed here; the walk prefetch must
+    not list it there, which would wait for the rename and hurry what it waits for."""
+    server_file(sftp_server, remote_dir / "d1" / "f", b"f\n")
+    sftp_server.chown(remote_dir)
+    mnt = mount(opts=["writeback_delay=30", "cache_timeout=1"])
+    assert os.listdir(mnt) == ["d1"]
+    with open(mnt / "d1" / "new", "wb") as held:
+        held.write(b"still open")  # waits 30 s; the rename waits behind it
+        held.flush()
+        os.rename(mnt / "d1", mnt / "d2")
+        time.sleep(1.2)
+        assert os.listdir(mnt) == ["d2"]  # relisted: the server says d1, the walk goes on
+        time.sleep(0.5)
+        assert not (remote_dir / "d2").exists(), "a background listing hurried the rename"
+        assert not (remote_dir / "d1" / "new").exists()
+
+
 def test_lookup_below_a_queued_rename_gives_up_on_a_dead_server(sftp_server, remote_dir, mount,
                                                                run_sftpfs, sftpfs_env):
     """Waiting for the rename to reach the server is bounded: no syscall hangs, and

@@ -54,9 +54,13 @@ SettleFn = Callable[[bytes], Awaitable[None]]
 class Lister:
     def __init__(self, list_remote: ListFn, meta: MetaCache, store: MetaStore | None, *,
                  max_stale: float, prefetch: int = 32, prefetch_queue: int = 2000,
-                 revalidate: int = 8, before_listing: SettleFn | None = None) -> None:
+                 revalidate: int = 8, before_listing: SettleFn | None = None,
+                 unsettled: Callable[[bytes], bool] | None = None) -> None:
         self._list_remote = list_remote
-        self._before_listing = before_listing  # waits for our queued changes to reach the server
+        # Write-back: our queued changes that move `path` must reach the server before
+        # it is listed there; background listings skip such paths instead of waiting.
+        self._before_listing = before_listing
+        self._unsettled = unsettled or (lambda path: False)
         self.meta = meta
         self.store = store
         self.max_stale = max_stale
@@ -149,8 +153,11 @@ class Lister:
             return True
         return await self.stale_listing(parent) is not None
 
-    async def fetch(self, path: bytes) -> list[tuple[bytes, p.Attrs]]:
-        """List `path` on the server now (or join a listing already running)."""
+    async def fetch(self, path: bytes, *, background: bool = False) -> list[tuple[bytes, p.Attrs]]:
+        """List `path` on the server now (or join a listing already running).
+
+        In the `background`, a path our queued changes move is skipped (empty
+        result): waiting for them would hurry uploads nobody waits for."""
         ev = self._inflight.get(path)
         if ev is not None:
             await ev.wait()
@@ -160,6 +167,8 @@ class Lister:
         ev = self._inflight[path] = trio.Event()
         try:
             for _attempt in range(3):
+                if background and self._unsettled(path):
+                    return []
                 if self._before_listing is not None:
                     await self._before_listing(path)
                 since = self.meta.mark()
@@ -218,7 +227,7 @@ class Lister:
     async def _revalidate(self, path: bytes) -> None:
         try:
             async with self._revalidate_limit:
-                await self.fetch(path)
+                await self.fetch(path, background=True)
                 self.stats["revalidated"] += 1
         except OSError as e:
             log.info("revalidating %r failed: %s", path, e)
@@ -253,7 +262,7 @@ class Lister:
                 self._queue.clear()
                 self._queued.clear()
                 continue
-            if self.meta.listed(path) or path in self._inflight:
+            if self.meta.listed(path) or path in self._inflight or self._unsettled(path):
                 continue
             try:
                 await self.load_stored(path)
@@ -261,7 +270,7 @@ class Lister:
                     # Known from disk: revalidate, and walk on from what we know.
                     listing = self.meta.listing(path, max_age=self.max_stale) or []
                     self._queue_subdirs(path, listing)
-                await self.fetch(path)
+                await self.fetch(path, background=True)
                 self.stats["prefetched"] += 1
             except OSError as e:
                 log.debug("prefetch of %r failed: %s", path, e)

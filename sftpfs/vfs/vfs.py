@@ -68,7 +68,8 @@ class Vfs:
         self.meta = MetaCache(meta_ttl)
         store = MetaStore(cache_dir) if cache_dir is not None and max_stale > meta_ttl else None
         self.lister = Lister(self._list_remote, self.meta, store, max_stale=max_stale,
-                             prefetch=prefetch, before_listing=self.settle_for_server)
+                             prefetch=prefetch, before_listing=self.settle_for_server,
+                             unsettled=self._unsettled)
         self.readonly = readonly
         self.open_files: set[OpenFile] = set()
         self.reads = ReadAhead(self, reads)  # block cache, read-ahead, directory prefetch

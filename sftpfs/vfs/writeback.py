@@ -280,6 +280,7 @@ class WriteBack:
         self._last_below: dict[bytes, Op] = {}  # the newest unfinished op naming a path below
         self._done_count = 0
         self._finished_total = 0
+        self._hurried = 0  # unfinished ops with `hurry` set
         self._seq = 0
         self._next_file = 1
         self._running = 0
@@ -327,6 +328,8 @@ class WriteBack:
         op.state = "done"
         self._done_count += 1
         self._finished_total += 1
+        if op.hurry:
+            self._hurried -= 1
         f = self.files.get(op.args.get("file", -1))
         if f is not None:
             f.unfinished -= 1
@@ -605,7 +608,9 @@ class WriteBack:
                 continue
             if id(op) in wanted or any(q in paths or q in above or any(a in paths for a in _ancestors(q))
                                 for q in op.paths):
-                op.hurry = True
+                if not op.hurry:
+                    op.hurry = True
+                    self._hurried += 1
                 paths.update(op.paths)
                 for q in op.paths:
                     above.update(_ancestors(q))
@@ -687,11 +692,13 @@ class WriteBack:
             if op.state == "done":
                 continue
             window += 1
-            if window > SCHEDULE_WINDOW:
-                break
+            beyond = window > SCHEDULE_WINDOW
+            if beyond and not self._hurried:
+                break  # past the window only ops someone waits for start
             blocked = any(q in busy or q in busy_above or self._ancestor_in(q, busy)
                           for q in op.paths)
-            if op.state == "pending" and not blocked and self._running < self.parallel:
+            if op.state == "pending" and not blocked and self._running < self.parallel \
+                    and (op.hurry or not beyond):
                 # Urgency (someone waits) skips the write-back delay, and a retry's
                 # backoff only once connected again: against a dead server it spun.
                 if op.ready_at <= now or ((self._urgent or op.hurry) and
