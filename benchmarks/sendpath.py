@@ -6,7 +6,7 @@ Starts the tests' SFTP-only sshd on loopback, opens one SFTP channel the way
 sftpfs does (AES-GCM first, the same window) and sends 64 MiB as 255 KiB
 WRITEs, N per `sendall`, handing paramiko bytes and then a memoryview,
 alternately. Prints the process CPU time and wall time of each. A tool for
-deciding whether a change to the send path is worth it (docs/architecture.md),
+deciding whether a change to the send path is worth it (docs/zero-latency.md),
 not part of the benchmark report.
 """
 
