@@ -301,7 +301,10 @@ class Operations(pyfuse3.Operations):
             # Unlinked but maybe still open: the handle knows the file.
             for f in self._files.values():
                 if getattr(f, "ino", None) == inode:
-                    return self.entry(inode, await f.fstat())
+                    try:
+                        return self.entry(inode, await f.fstat())
+                    except OSError:  # not open on the server (opened from the cache)
+                        break
             last = self.inodes.last_attrs(inode)
             if last is None:
                 raise

@@ -490,6 +490,9 @@ class FakeVfs:
     def rpath(self, path):
         return b"/srv/" + path
 
+    async def settle_for_server(self, path):
+        pass
+
 
 OLD = int(time.time()) - 100
 
@@ -653,15 +656,15 @@ async def test_walk_starts_on_files_opened_in_name_order(tmp_path, monkeypatch):
     async def body(vfs, ra):
         _tree(vfs)
         pf = ra.prefetcher
-        pf.opened(b"a/f1", reg(1))
+        pf.reading(b"a/f1")
         await trio.sleep(0.05)
         assert fetched == [] and not pf.walks  # one open is not a walk
-        pf.opened(b"a/f2", reg(2))
+        pf.reading(b"a/f2")
         await trio.sleep(0.05)
         assert len(pf.walks) == 1
         # the next files, small ones only (b/big is skipped), up to the first window
         assert fetched == [b"a/sub/s1", b"a/x", b"b/g1", b"z.txt"]
-        pf.opened(b"a/x", reg(3))  # predicted: a hit, the walk goes on
+        pf.reading(b"a/x")  # predicted: a hit, the walk goes on
         assert pf.walks[0].window == 16
         assert b"" in vfs.listed  # the parent was listed for the sibling directories
 
@@ -673,9 +676,9 @@ async def test_no_walk_for_opens_out_of_order(tmp_path, monkeypatch):
 
     async def body(vfs, ra):
         _tree(vfs)
-        ra.prefetcher.opened(b"a/x", reg(3))
-        ra.prefetcher.opened(b"a/f1", reg(1))
-        ra.prefetcher.opened(b"b/g1", reg(6))
+        ra.prefetcher.reading(b"a/x")
+        ra.prefetcher.reading(b"a/f1")
+        ra.prefetcher.reading(b"b/g1")
 
     await _with_readahead(tmp_path, body)
 

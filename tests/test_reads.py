@@ -142,6 +142,71 @@ def test_changed_file_is_read_whole_new_never_mixed(sftp_server, remote_dir, mou
     assert pread(mnt / "b.bin", 300_000, 4096) == new_b[300_000:304_096]
 
 
+def test_partly_cached_file_changed_meanwhile_is_read_whole_new(sftp_server, remote_dir, mount,
+                                                                  tmp_path):
+    """A read-only open with fresh attributes is answered without the server; a file
+    with only some blocks cached is checked on the server before any byte is returned,
+    so a change since its listing (within cache_timeout) is never mixed with old blocks."""
+    rng = random.Random(11)
+    old = rng.randbytes(3 * BLOCK_SIZE)
+    f = put(sftp_server, remote_dir / "p.bin", old)
+    cache = tmp_path / "cache"
+    mnt = mount(opts=(f"cache_dir={cache}",))
+    assert pread(mnt / "p.bin", 10, 4096) == old[10:4106]  # the first block cached
+    mount.unmount(mnt)
+    mnt = mount(opts=(f"cache_dir={cache}",))
+    assert (mnt / "p.bin").stat().st_size == len(old)  # fresh attributes of the old version
+    new = rng.randbytes(len(old))
+    put(sftp_server, f, new, OLD + 60)
+    assert (mnt / "p.bin").read_bytes() == new
+
+
+def test_open_without_reading_asks_nothing_of_the_server(sftp_server, remote_dir, mount,
+                                                          sftpfs_env):
+    """rsync opens each file it replaces (its basis) and, copying whole files, never
+    reads it: such an open must not cost a round trip."""
+    files = {f"f{i}": os.urandom(5000 + i) for i in range(6)}
+    for name, data in files.items():
+        put(sftp_server, remote_dir / name, data)
+    mnt = mount()
+    assert sorted(os.listdir(mnt)) == sorted(files)
+    for name in files:
+        (mnt / name).stat()
+    before = stats(mount, sftpfs_env, mnt)["requests"]
+    for name in files:
+        os.close(os.open(mnt / name, os.O_RDONLY))
+    assert stats(mount, sftpfs_env, mnt)["requests"] == before
+    assert (mnt / "f3").read_bytes() == files["f3"]  # the first read goes to the server
+    assert stats(mount, sftpfs_env, mnt)["requests"] > before
+
+
+def test_file_unlinked_or_replaced_while_open_reads_as_opened(sftp_server, remote_dir, mount,
+                                                               sftpfs_env):
+    """An open not yet sent to the server is sent before an unlink or a rename over the
+    file goes out: the handle keeps reading the file it opened, as on a local disk."""
+    gone, old = os.urandom(70_000), os.urandom(90_000)
+    put(sftp_server, remote_dir / "gone", gone)
+    put(sftp_server, remote_dir / "kept", old)
+    mnt = mount()
+    (mnt / "gone").stat()
+    (mnt / "kept").stat()
+    fd1 = os.open(mnt / "gone", os.O_RDONLY)
+    fd2 = os.open(mnt / "kept", os.O_RDONLY)
+    try:
+        os.unlink(mnt / "gone")
+        (mnt / "kept.new").write_bytes(b"the replacement")
+        os.rename(mnt / "kept.new", mnt / "kept")
+        assert os.pread(fd1, 100_000, 0) == gone
+        assert os.pread(fd2, 100_000, 0) == old
+        assert os.fstat(fd2).st_size == len(old)
+    finally:
+        os.close(fd1)
+        os.close(fd2)
+    assert sftpfs(sftpfs_env, "sync", str(mnt)).returncode == 0
+    assert not (remote_dir / "gone").exists()
+    assert (remote_dir / "kept").read_bytes() == b"the replacement"
+
+
 def test_rewrite_within_one_second_is_seen(sftp_server, remote_dir, mount):
     """Same size and the same mtime second: only the recent-mtime rule tells them apart."""
     now = int(time.time())

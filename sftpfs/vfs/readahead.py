@@ -28,6 +28,7 @@ import contextlib
 import errno
 import logging
 import os
+import stat
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -167,21 +168,40 @@ class ReadAhead:
 
     # ---- opens ------------------------------------------------------------------------
 
+    def _readable(self, a: Attrs) -> bool:
+        """Whether the mode alone says the server would let us read the file (an open
+        answered locally must not succeed where the server's would fail)."""
+        mode = a.mode
+        if mode is None:
+            return False
+        if mode & stat.S_IROTH:
+            return True
+        deferred = getattr(self.vfs, "deferred", None)
+        owner = deferred.owner[0] if deferred is not None else None
+        return owner is not None and a.uid == owner and bool(mode & stat.S_IRUSR)
+
     async def open_local(self, path: bytes) -> OpenFile | None:
-        """Open without asking the server, if its fresh attributes name a fully cached version.
+        """Open read-only without asking the server, if fresh attributes name a cacheable version.
 
         Fresh means within cache_timeout, the bound close-to-open has anyway.
+        The server OPEN (with its stat, close-to-open's check) waits for the
+        first read, and is skipped if every block of the version is cached:
+        then the open costs no round trip at all. A file opened and never
+        read (rsync's basis for a file it replaces) costs none either.
         """
         a = self.vfs.meta.attrs(path)
-        if a is None:
+        if a is None or not self._readable(a):
             return None
         v = await self.version(path, a)
-        if v is None or v.nblocks() > LOCAL_OPEN_MAX_BLOCKS or not self._all_available(v):
+        if v is None or v.nblocks() > LOCAL_OPEN_MAX_BLOCKS:
+            return None
+        if self._seen.get(path) == v and not self._all_available(v):
+            # The kernel may hold pages of it: a change found at the first read that
+            # reaches us would be ESTALE; on the server, it drops them at open.
             return None
         f = OpenFile(self.vfs, path, self.vfs.remote.open(self.vfs.rpath(path), p.FXF_READ),
                      writable=False)
         self._attach(f, v, local=True)
-        self.prefetcher.opened(path, a)
         return f
 
     async def opened(self, f: OpenFile, a: Attrs) -> None:
@@ -201,7 +221,6 @@ class ReadAhead:
                                                    persist=False), local=False)
         else:
             self._attach(f, v, local=False)
-        self.prefetcher.opened(f.path, a)
 
     def _attach(self, f: OpenFile, v: Version, *, local: bool) -> None:
         assert f.path is not None
@@ -211,6 +230,8 @@ class ReadAhead:
         if len(self._seen) > SEEN_MAX:
             self._seen.popitem(last=False)
         f.reader = Reader(self, f, v, local=local)
+        if f.keep_cache:
+            f.reader.announce()  # the kernel may answer every read from its page cache
 
 
 class Reader:
@@ -222,6 +243,7 @@ class Reader:
         self.file = f
         self.version = v
         self.verified = not local  # opened on the server, with a stat of this version
+        self.announced = False  # the directory prefetcher knows this file is being read
         self._verify_lock = trio.Lock()
         self.window = INITIAL_WINDOW
         self.next_off = 0
@@ -242,8 +264,17 @@ class Reader:
 
         return read
 
+    def announce(self) -> None:
+        """Tell the directory prefetcher that this file is being read (at the first
+        read, not at open: files opened and never read must not start walks)."""
+        if not self.announced:
+            self.announced = True
+            if self.file.path is not None:
+                self.ra.prefetcher.reading(self.file.path)
+
     async def _verify(self) -> None:
-        """A file opened locally opens on the server at its first miss: same version?
+        """A file opened locally opens on the server before its first byte is returned
+        (unless every block is cached) and at its first miss: same version?
 
         If not, and nothing of the cached version was returned yet (and the
         kernel dropped its pages at open), this handle reads the server's
@@ -254,7 +285,15 @@ class Reader:
         async with self._verify_lock:
             if self.verified:
                 return
-            a = await self.file.remote.open()
+            if self.file.path is not None:
+                await self.ra.vfs.settle_for_server(self.file.path)  # e.g. renamed here
+            try:
+                a = await self.file.remote.open()
+            except OSError as e:
+                if e.errno != errno.ENOENT:
+                    raise
+                # Gone from the server since we looked (within cache_timeout): as NFS says.
+                raise OSError(errno.ESTALE, os.strerror(errno.ESTALE)) from None
             v = self.version
             if (a.size, a.mtime) != (v.size, v.mtime):
                 if self.served or self.file.keep_cache:
@@ -273,8 +312,23 @@ class Reader:
                     self.version = nv
             self.verified = True
 
+    async def pin(self) -> None:
+        """The file is about to be unlinked or replaced through this mount: open it on
+        the server first, so this handle keeps reading the file it opened."""
+        if not self.verified and not self.closed:  # rsync releases its basis before the rename
+            try:
+                await self._verify()
+            except OSError as e:  # its reads will say so
+                log.debug("cannot open %r before it is replaced: %s", self.version.path, e)
+
     async def read(self, offset: int, size: int) -> bytes | memoryview:
         f = self.file
+        if not self.announced:
+            self.announce()
+            if not self.verified and not self.ra._all_available(self.version):
+                # Partly cached: check the version before returning any of it, so a
+                # file changed on the server is read whole from its new version.
+                await self._verify()
         for _attempt in range(3):
             dirty = self.ra.dirty(f.path)
             if dirty is not None:
@@ -414,7 +468,8 @@ class DirPrefetcher:
     def max_file(self) -> int:
         return self.ra.opts.small_file
 
-    def opened(self, path: bytes, a: Attrs) -> None:
+    def reading(self, path: bytes) -> None:
+        """A program started reading `path`."""
         for w in self.walks:
             if path in w.expected:
                 w.hit(path)

@@ -243,6 +243,7 @@ class Vfs:
 
     async def unlink(self, path: bytes) -> None:
         self._check_write()
+        await self._pin_readers(path)
         if self.deferred is not None:
             await self.deferred.unlink(path)
         else:
@@ -259,6 +260,8 @@ class Vfs:
 
     async def rename(self, old: bytes, new: bytes, *, noreplace: bool = False) -> None:
         self._check_write(new)
+        if not noreplace:
+            await self._pin_readers(new)
         if self.deferred is not None:
             await self.deferred.rename(old, new, noreplace)
         else:
@@ -373,6 +376,12 @@ class Vfs:
             self.meta.put_attrs_if_unchanged(f.path, attrs, since)
 
     # ---- cache upkeep ------------------------------------------------------------------------
+
+    async def _pin_readers(self, path: bytes) -> None:
+        """Before `path` is unlinked or replaced: its readers opened here but not yet on
+        the server open there now, so they keep reading the file they opened."""
+        for f in [f for f in self.open_files if f.path == path and f.reader is not None]:
+            await f.reader.pin()
 
     def _gone(self, path: bytes) -> None:
         self.meta.removed(path)
