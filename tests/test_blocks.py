@@ -634,12 +634,16 @@ def _tree(vfs: FakeVfs) -> None:
     vfs.meta.listings[b"b"] = [(b"big", reg(10 * 2**20)), (b"g1", reg(6))]
 
 
-async def test_walk_order_is_depth_first_by_name(tmp_path):
+async def test_walk_orders(tmp_path):
     async def body(vfs, ra):
         _tree(vfs)
         pf = ra.prefetcher
-        got = [p async for p, _a in pf._files_after(b"a/f1")]
+        # cp -r, tar, grep -r: by name, files and subdirectories interleaved
+        got = [p async for p, _a in pf._files_after(b"a/f1", False)]
         assert got == [b"a/f2", b"a/sub/s1", b"a/x", b"b/big", b"b/g1", b"z.txt"]
+        # rsync: a directory's files, then its subdirectories (z.txt came before a/)
+        got = [p async for p, _a in pf._files_after(b"a/f1", True)]
+        assert got == [b"a/f2", b"a/x", b"a/sub/s1", b"b/big", b"b/g1"]
 
     await _with_readahead(tmp_path, body)
 
@@ -662,11 +666,60 @@ async def test_walk_starts_on_files_opened_in_name_order(tmp_path, monkeypatch):
         pf.reading(b"a/f2")
         await trio.sleep(0.05)
         assert len(pf.walks) == 1
-        # the next files, small ones only (b/big is skipped), up to the first window
-        assert fetched == [b"a/sub/s1", b"a/x", b"b/g1", b"z.txt"]
+        # the next files in rsync's order, small ones only (b/big is skipped)
+        assert fetched == [b"a/x", b"a/sub/s1", b"b/g1"]
         pf.reading(b"a/x")  # predicted: a hit, the walk goes on
         assert pf.walks[0].window == 16
         assert b"" in vfs.listed  # the parent was listed for the sibling directories
+
+    await _with_readahead(tmp_path, body)
+
+
+async def test_walk_order_is_learnt_from_the_program(tmp_path, monkeypatch):
+    fetched: list[list[bytes]] = []
+
+    async def fake_fetch(self, items):
+        fetched.append([path for path, _a in items])
+        self._batches.release()
+
+    monkeypatch.setattr(DirPrefetcher, "_fetch_batch", fake_fetch)
+
+    async def body(vfs, ra):
+        _tree(vfs)
+        pf = ra.prefetcher
+        for path in (b"a/f1", b"a/f2", b"a/sub/s1"):  # either order so far
+            pf.reading(path)
+            await trio.sleep(0.05)
+        assert pf.files_first
+        pf.reading(b"a/x")  # back in a after a/sub: by name, as cp -r
+        await trio.sleep(0.05)
+        assert not pf.files_first and len(pf.walks) == 1 and not pf.walks[0].files_first
+        assert fetched[-1] == [b"b/g1", b"z.txt"]  # the walk went on from a/x by name
+        for path in (b"a/f1", b"a/f2", b"a/x"):
+            pf.reading(path)
+        pf.reading(b"a/sub/s1")  # into a/sub after a/x: files first, as rsync
+        assert pf.files_first and pf.walks[0].files_first
+
+    await _with_readahead(tmp_path, body)
+
+
+async def test_first_batches_of_a_walk_are_small(tmp_path, monkeypatch):
+    """A batch arrives whole: the files the program wants next must not wait for 16."""
+    sizes: list[int] = []
+
+    async def fake_fetch(self, items):
+        sizes.append(len(items))
+        self._batches.release()
+
+    monkeypatch.setattr(DirPrefetcher, "_fetch_batch", fake_fetch)
+
+    async def body(vfs, ra):
+        vfs.meta.listings[b""] = [(b"f%02d" % i, reg(100)) for i in range(60)]
+        pf = ra.prefetcher
+        for i in range(6):
+            pf.reading(b"f%02d" % i)
+            await trio.sleep(0.02)
+        assert sizes[:3] == [2, 3, 3] and max(sizes) <= 16 and sum(sizes) == 60 - 2
 
     await _with_readahead(tmp_path, body)
 

@@ -42,7 +42,7 @@ from ..remote.sftp import SftpSession
 from ..slots import Slots
 from .blocks import BlockCache, BlockUnavailable, Version, default_cache_size
 from .files import OpenFile
-from .meta import join, name_of, parent_of
+from .meta import is_below, join, name_of, parent_of
 
 if TYPE_CHECKING:
     from ..remote.protocol import Attrs
@@ -63,6 +63,7 @@ WALK_MAX_FILES = 512
 WALK_IDLE = 30.0  # a walk that sees no hit for this long ends
 MAX_WALKS = 4
 BATCH_FILES = 16  # files fetched together: their OPENs share a send, then their READs
+FIRST_BATCH_FILES = 2  # the nearest files ahead of the program go in batches this small
 BATCH_REQUESTS = 64  # most READs and CLOSEs in one batch
 BATCHES_IN_FLIGHT = 4
 BULK_SLOTS = 128  # requests in flight on the prefetch channel
@@ -430,8 +431,9 @@ class Reader:
 
 
 class _Walk:
-    def __init__(self, start: bytes) -> None:
+    def __init__(self, start: bytes, files_first: bool) -> None:
         self.start = start
+        self.files_first = files_first
         self.dir = parent_of(start)
         self.window = WALK_INITIAL_FILES
         self.expected: OrderedDict[bytes, int] = OrderedDict()  # upcoming files -> size
@@ -459,7 +461,12 @@ class DirPrefetcher:
     def __init__(self, ra: ReadAhead) -> None:
         self.ra = ra
         self.walks: list[_Walk] = []
-        self._last_in_dir: OrderedDict[bytes, bytes] = OrderedDict()  # dir -> last name opened
+        self._last_in_dir: OrderedDict[bytes, bytes] = OrderedDict()  # dir -> last name read
+        self._last_read: bytes | None = None
+        # The order programs walk a tree in: rsync reads a directory's files, then its
+        # subdirectories; cp -r, tar and grep -r go by name, files and subdirectories
+        # interleaved (our listings are sorted). Learnt from what the program does.
+        self.files_first = True
         self._batches = trio.Semaphore(BATCHES_IN_FLIGHT)
         self.files_prefetched = 0
         self.bulk = BulkChannel(ra)
@@ -470,17 +477,45 @@ class DirPrefetcher:
 
     def reading(self, path: bytes) -> None:
         """A program started reading `path`."""
-        for w in self.walks:
-            if path in w.expected:
-                w.hit(path)
-                return
         d, name = parent_of(path), name_of(path)
+        order = self._order_shown(path)
+        self._last_read = path
         prev = self._last_in_dir.pop(d, None)
         self._last_in_dir[d] = name
         if len(self._last_in_dir) > 4096:
             self._last_in_dir.popitem(last=False)
+        if order is not None and order != self.files_first:
+            self.files_first = order
+            for w in self.walks:  # they predict the other order
+                w.scope.cancel()
+            self.walks.clear()
+            if self.ra.nursery is not None:
+                self._start(path)
+            return
+        for w in self.walks:
+            if path in w.expected:
+                w.hit(path)
+                return
         if prev is not None and prev < name and self.ra.nursery is not None:
             self._start(path)
+
+    def _order_shown(self, path: bytes) -> bool | None:
+        """Whether this read shows the program walking files first (True), in name
+        order (False), or says nothing of it (None)."""
+        d = parent_of(path)
+        last = self._last_read
+        last_dir = parent_of(last) if last is not None else None
+        if last_dir is None or last_dir == d:
+            return None
+        if is_below(last_dir, d):
+            # Back in d after a subdirectory: name order (d/a, d/sub/..., d/z).
+            sub = last_dir[len(d) + 1:] if d else last_dir
+            return False if name_of(path) > sub.split(b"/", 1)[0] else None
+        if d and parent_of(d) == last_dir:
+            # Into a subdirectory that sorts before the parent's file read last:
+            # the parent's files came first (d/a, d/z, d/sub/...).
+            return True if name_of(d) < name_of(last) else None
+        return None
 
     def _start(self, path: bytes) -> None:
         d = parent_of(path)
@@ -489,7 +524,7 @@ class DirPrefetcher:
             self.walks.remove(w)
         while len(self.walks) >= MAX_WALKS:
             self.walks.pop(0).scope.cancel()
-        w = _Walk(path)
+        w = _Walk(path, self.files_first)
         self.walks.append(w)
         assert self.ra.nursery is not None
         self.ra.nursery.start_soon(self._walk, w)
@@ -506,7 +541,7 @@ class DirPrefetcher:
                 self.walks.remove(w)
 
     async def _walk_files(self, w: _Walk, budget: int) -> None:
-        async with trio.open_nursery() as n, contextlib.aclosing(self._files_after(w.start)) as files:
+        async with trio.open_nursery() as n, contextlib.aclosing(self._files_after(w.start, w.files_first)) as files:
             if w.dir:
                 # The walk goes on into the sibling directories: list the parent now, so
                 # the lister's walk prefetch lists them (depth x RTT) before we get there.
@@ -544,7 +579,10 @@ class DirPrefetcher:
                     if fetch:
                         w.bytes_ahead += size
                         cost = size // self.ra.max_read + 2  # READs (one past the end) and CLOSE
-                        if batch and (len(batch) >= BATCH_FILES or requests + cost > BATCH_REQUESTS):
+                        # The files the program reads next go in small batches: a batch
+                        # arrives whole, and at zero latency its time grows with its size.
+                        most = min(BATCH_FILES, max(FIRST_BATCH_FILES, len(w.expected) - len(batch)))
+                        if batch and (len(batch) >= most or requests + cost > BATCH_REQUESTS):
                             await send_batch()
                         batch.append((path, a))
                         requests += cost
@@ -556,33 +594,54 @@ class DirPrefetcher:
                     break
             n.cancel_scope.cancel()
 
-    async def _files_after(self, start: bytes) -> AsyncIterator[tuple[bytes, Attrs]]:
-        """Regular files after `start` in depth-first, name-sorted order."""
+    async def _files_after(self, start: bytes, files_first: bool) -> AsyncIterator[tuple[bytes, Attrs]]:
+        """Regular files after `start`, depth first, in name order: a directory's files
+        and subdirectories interleaved, or (`files_first`) its files, then its
+        subdirectories (the order rsync reads in)."""
         d, after = parent_of(start), name_of(start)
+        in_start_dir = True
         while True:
-            for name, a in await self._listing(d):
-                if name <= after:
-                    continue
-                path = join(d, name)
-                if a.is_dir:
-                    async for item in self._files_below(path):
-                        yield item
-                elif a.is_reg:
-                    yield path, a
+            listing = await self._listing(d)
+            if files_first:
+                if in_start_dir:  # above it, the files were read before we went down
+                    for name, a in listing:
+                        if a.is_reg and name > after:
+                            yield join(d, name), a
+                for name, a in listing:  # every subdirectory of the start directory
+                    if a.is_dir and (in_start_dir or name > after):
+                        async for item in self._files_below(join(d, name), files_first):
+                            yield item
+            else:
+                for name, a in listing:
+                    if name <= after:
+                        continue
+                    if a.is_dir:
+                        async for item in self._files_below(join(d, name), files_first):
+                            yield item
+                    elif a.is_reg:
+                        yield join(d, name), a
             if not d:
                 return
             d, after = parent_of(d), name_of(d)
+            in_start_dir = False
 
-    async def _files_below(self, d: bytes, depth: int = 0) -> AsyncIterator[tuple[bytes, Attrs]]:
+    async def _files_below(self, d: bytes, files_first: bool,
+                           depth: int = 0) -> AsyncIterator[tuple[bytes, Attrs]]:
         if depth > 64:
             return
-        for name, a in await self._listing(d):
+        listing = await self._listing(d)
+        for name, a in listing:
             path = join(d, name)
-            if a.is_dir:
-                async for item in self._files_below(path, depth + 1):
+            if a.is_dir and not files_first:
+                async for item in self._files_below(path, files_first, depth + 1):
                     yield item
             elif a.is_reg:
                 yield path, a
+        if files_first:
+            for name, a in listing:
+                if a.is_dir:
+                    async for item in self._files_below(join(d, name), files_first, depth + 1):
+                        yield item
 
     async def _listing(self, d: bytes) -> list[tuple[bytes, Attrs]]:
         try:
