@@ -56,6 +56,7 @@ BLOCK_SIZE = 1024 * 1024
 MEM_BYTES = 64 * 2**20  # recent blocks kept in RAM: read-ahead waits here to be read
 WRITE_QUEUE_BYTES = 96 * 2**20  # blocks waiting for the disk; beyond this, new ones are not cached
 WRITE_EAGER_BYTES = 96 * 2**20  # write while blocks still arrive once this much waits
+WRITE_QUIET = 0.1  # seconds without fetches before the disk writer starts
 READAHEAD_SLOTS = 32  # READ requests in flight for read-ahead and prefetch (of 64 per session)
 DEMAND_SLOTS = 16  # READ requests in flight that a reader is waiting for
 RUN_MAX = 4 * 2**20  # one fetch run covers at most this many bytes
@@ -412,6 +413,7 @@ class BlockCache:
         self._all_epochs = False  # _epochs holds every epoch on disk: a miss means 0
         self._wake = trio.Event()
         self._fetching = 0  # fetch runs going on
+        self._fetched_at = 0.0  # when the last one ended
         self.readahead_slots = Slots(readahead_slots)
         self.demand_slots = Slots(demand_slots)
         self._disk_threads = trio.CapacityLimiter(4)
@@ -480,6 +482,7 @@ class BlockCache:
             yield
         finally:
             self._fetching -= 1
+            self._fetched_at = trio.current_time()
 
     def inflight(self, key: bytes) -> _Block | None:
         return self._inflight.get(key)
@@ -772,6 +775,7 @@ class BlockCache:
                       eg.exceptions[0])
         finally:
             self._fetching -= 1
+            self._fetched_at = trio.current_time()
             for idx, b in blocks:
                 if idx not in done:
                     self.fail(v.block_key(idx), b)
@@ -780,21 +784,31 @@ class BlockCache:
 
     # ---- the disk writer -------------------------------------------------------------
 
+    def _reading(self) -> bool:
+        """Blocks are arriving, or were a moment ago: writing them now would compete
+        with the reader for the CPU (and the GIL), unless much is queued already."""
+        if self._queued_bytes >= WRITE_EAGER_BYTES:
+            return False
+        return bool(self._fetching) or trio.current_time() - self._fetched_at < WRITE_QUIET
+
     async def _writer(self) -> None:
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
-            # While blocks are arriving, writing them competes with the reader for the
-            # CPU: wait for a pause, unless much is queued already.
-            while self._fetching and self._queued_bytes < WRITE_EAGER_BYTES:
-                await trio.sleep(0.05)
-            await self._write_some()
+            while True:
+                while self._reading():
+                    await trio.sleep(WRITE_QUIET / 2)
+                if await self._write_some(yield_to_readers=True):
+                    break
 
-    async def _write_some(self, *, final: bool = False) -> None:
+    async def _write_some(self, *, final: bool = False, yield_to_readers: bool = False) -> bool:
+        """Write what is queued; False if it stopped early because reads resumed."""
         if self._epoch_queue and (final or len(self._epoch_queue) >= EPOCH_BATCH
                                   or self._epoch_log is None):
             await self._fold_epochs(final=final)
         while self._queue:
+            if yield_to_readers and self._reading():
+                return False
             batch: list[tuple[bytes, bytes]] = []
             size = 0
             while self._queue and len(batch) < 16 and size < 4 * 2**20:
@@ -812,6 +826,7 @@ class BlockCache:
             for key, data in batch:
                 if self._queued.pop(key, None) is not None:
                     self._queued_bytes -= len(data)
+        return True
 
     async def _drain(self) -> None:
         await self._write_some(final=True)
