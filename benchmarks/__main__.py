@@ -63,10 +63,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, help="data set seed")
     ap.add_argument("--out", type=Path, default=Path("bench-results"),
                     help="directory for the results (default: %(default)s)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run everything this many times, the systems' order alternating, and "
+                         "report each time's median (at low RTT one run varies by 10-20%%)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
     a = ap.parse_args(argv)
-    if a.rtt_ms < 0 or a.mbit < 0 or a.timeout <= 0:
-        ap.error("--rtt-ms and --mbit must be >= 0, --timeout > 0")
+    if a.rtt_ms < 0 or a.mbit < 0 or a.timeout <= 0 or a.rounds < 1:
+        ap.error("--rtt-ms and --mbit must be >= 0, --timeout > 0, --rounds >= 1")
     try:
         a.workload_list = select(a.workloads)
     except ValueError as e:
@@ -154,29 +157,34 @@ def _progress_line(system: str, w: Workload, r: Result) -> str:
 
 
 def run_system(name: str, a, ds: Dataset, changed: Path, server, endpoint: Endpoint,
-               work: Path, log: Path, doc: dict) -> None:
+               work: Path, log: Path, doc: dict, round_: int = 0) -> None:
     system = ALL[name]
-    info = doc["systems"][name] = {"version": "", "missing": None}
+    if round_ == 0:
+        doc["systems"][name] = {"version": "", "missing": None}
+    info = doc["systems"][name]
+    if info["missing"]:
+        return
     missing = system.missing()
     if missing:
         info["missing"] = missing
         say(f"{name}: not run ({missing})")
         return
     info["version"] = system.version()
-    say(f"{name}: {info['version']}")
-    (work / name).mkdir()
+    say(f"{name}: {info['version']}" + (f" (round {round_ + 1} of {a.rounds})" if a.rounds > 1 else ""))
+    (work / f"{name}-{round_}").mkdir()
     s = Session(system=system, endpoint=endpoint, server_root=server.root, data=ds,
-                work=work / name, log=log, chown=chown_to(server), changed=changed)
-    results = doc["results"][name] = {}
+                work=work / f"{name}-{round_}", log=log, chown=chown_to(server), changed=changed)
+    runs = doc.setdefault("rounds", {}).setdefault(name, {})
     try:
         for w in a.workload_list:
             say(f"{name}: {w.id}. {w.describe(ds)} ...")
             r = run_workload(s, w, a.timeout)
-            results[w.key] = r.to_json()
+            runs.setdefault(w.key, []).append(r.to_json())
+            doc["results"].setdefault(name, {})[w.key] = report.combine(runs[w.key])
             say(_progress_line(name, w, r))
     finally:
         s.drop_mount()
-        info["mount_seconds"] = [round(t, 3) for t in s.mount_times]
+        info.setdefault("mount_seconds", []).extend(round(t, 3) for t in s.mount_times)
         problems = read_set_intact(ds, s.server_dir("ro"))
         if problems:
             info["modified_read_set"] = problems
@@ -253,9 +261,13 @@ def main(argv: list[str] | None = None) -> int:
             endpoint = Endpoint(host="127.0.0.1", port=port, user=server.user,
                                 key=Path(server.client_key), known_hosts=known_hosts)
             doc["references"] = measure_references(a, ds, server.root / "ro", endpoint, work)
-            for name in a.system_list:
-                run_system(name, a, ds, changed, server, endpoint, work, logs / f"{name}.log", doc)
-                report.write(doc, a.out)
+            doc["meta"]["rounds"] = a.rounds
+            for round_ in range(a.rounds):
+                order = a.system_list if round_ % 2 == 0 else a.system_list[::-1]
+                for name in order:
+                    run_system(name, a, ds, changed, server, endpoint, work, logs / f"{name}.log",
+                               doc, round_)
+                    report.write(doc, a.out)
         except KeyboardInterrupt:
             say("interrupted: cleaning up, writing what was measured")
             doc["meta"]["interrupted"] = True

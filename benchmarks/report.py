@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -49,6 +50,22 @@ def _tool_version(tool: str) -> str:
         return "unknown"
     lines = (r.stdout or r.stderr).strip().splitlines()
     return lines[0] if lines else "unknown"
+
+
+def combine(runs: list[dict]) -> dict:
+    """One workload's rounds as one result: each phase's median; not ok if any round was not
+    (its status and detail); every round's seconds kept under "rounds"."""
+    bad = next((r for r in runs if r["status"] != "ok"), None)
+    first = bad or runs[0]
+    seconds = {}
+    for phase in runs[0]["seconds"]:
+        values = sorted(v for r in runs if (v := r["seconds"].get(phase)) is not None)
+        seconds[phase] = statistics.median(values) if values else None
+    out = {"status": first["status"], "seconds": seconds, "detail": first["detail"],
+           "extra": first["extra"]}
+    if len(runs) > 1:
+        out["rounds"] = [r["seconds"] for r in runs]
+    return out
 
 
 def _fmt_seconds(s: float) -> str:
@@ -148,8 +165,11 @@ def render_markdown(doc: dict) -> str:
     for name, info in doc["systems"].items():
         lines.append(f"- {name}: {info.get('version') or ''}"
                      + (f" — not run: {info['missing']}" if info.get("missing") else ""))
+    rounds = meta.get("rounds", 1)
     lines += ["", "Seconds (lower is better); ratio = peer time / sftpfs time "
-              "(above 1× means sftpfs is faster).", ""]
+              "(above 1× means sftpfs is faster)."
+              + (f" Each time is the median of {rounds} rounds, the systems taking turns to go "
+                 "first." if rounds > 1 else ""), ""]
     header = ["workload", *systems, *[f"{p}/{BASELINE}" for p in peers]]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     notes: list[str] = []

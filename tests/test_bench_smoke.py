@@ -42,7 +42,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
     before = _bench_mounts()
     r = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--small", "--rtt-ms", "10", "--workloads", "1",
-         "--systems", ",".join(systems), "--timeout", "60", "--out", str(out)],
+         "--systems", ",".join(systems), "--timeout", "60", "--out", str(out), "--rounds", "2"],
         cwd=REPO, capture_output=True, text=True, timeout=200,
     )
     assert r.returncode == 0, r.stderr[-3000:]
@@ -56,3 +56,21 @@ def test_bench_smoke(tmp_path: Path) -> None:
         res = doc["results"][name]["find-cold"]
         assert res["status"] == "ok", f"{name}: {res['status']}: {res['detail']}\n{r.stderr[-2000:]}"
         assert res["seconds"]["time"] > 0
+        rounds = [r["seconds"]["time"] for r in doc["rounds"][name]["find-cold"]]
+        assert len(rounds) == 2 and res["seconds"]["time"] == pytest.approx(sum(rounds) / 2)
+    assert "median of 2 rounds" in (out / "latest.md").read_text()
+
+
+def test_rounds_combine_to_medians_and_keep_failures() -> None:
+    from benchmarks.report import combine
+
+    def run(status: str, t: float | None, d: float | None) -> dict:
+        return {"status": status, "seconds": {"returns": t, "durable": d}, "detail": status,
+                "extra": {}}
+
+    got = combine([run("ok", 3.0, 5.0), run("ok", 1.0, 9.0), run("ok", 2.0, 7.0)])
+    assert got["status"] == "ok" and got["seconds"] == {"returns": 2.0, "durable": 7.0}
+    assert len(got["rounds"]) == 3
+    got = combine([run("ok", 1.0, 2.0), run("timeout", 4.0, None)])
+    assert got["status"] == "timeout" and got["detail"] == "timeout"
+    assert got["seconds"] == {"returns": 2.5, "durable": 2.0}
