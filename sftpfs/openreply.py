@@ -111,13 +111,20 @@ def _install() -> str | None:
     so = pyfuse3.__file__
     if not so or not so.endswith(".so"):
         return f"pyfuse3 is not an ELF extension ({so})"
-    libfuse = ctypes.CDLL(ctypes.util.find_library("fuse3") or "libfuse3.so.3")
+    try:  # the library pyfuse3 is linked with, loaded already (find_library runs ldconfig)
+        libfuse = ctypes.CDLL("libfuse3.so.3")
+    except OSError:
+        libfuse = ctypes.CDLL(ctypes.util.find_library("fuse3") or "libfuse3.so.3")
     version = libfuse.fuse_version()
     if not 311 <= version < 400:
         return f"libfuse version {version}"
-    with open(so, "rb") as f:
-        elf = f.read()
-    slot_off, relro, init_name, init_off = _parse(elf, "fuse_reply_open", SLOT_TYPES[arch])
+    with open(so, "rb") as f:  # mapped: the headers and tables are read, not its 4 MB
+        elf = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+    try:
+        slot_off, relro, init_name, init_off = _parse(elf, "fuse_reply_open", SLOT_TYPES[arch])
+        size = _mapped_size(elf)
+    finally:
+        elf.close()
     # The extension's load address, from a symbol it exports.
     init = ctypes.cast(getattr(ctypes.CDLL(so), init_name), ctypes.c_void_p).value
     if init is None:
@@ -126,7 +133,6 @@ def _install() -> str | None:
     slot = base + slot_off
     real = ctypes.cast(libfuse.fuse_reply_open, ctypes.c_void_p).value
     current = ctypes.c_void_p.from_address(slot).value
-    size = _mapped_size(elf)
     if current != real and not (base <= (current or 0) < base + size):
         return "unexpected GOT contents"
     _real = _ReplyOpenHoldingGil(real)
@@ -140,7 +146,7 @@ def _install() -> str | None:
     return None
 
 
-def _parse(elf: bytes, symbol: str, slot_types: set[int]) -> tuple[int, tuple[int, int] | None, str, int]:
+def _parse(elf: bytes | mmap.mmap, symbol: str, slot_types: set[int]) -> tuple[int, tuple[int, int] | None, str, int]:
     """(slot offset, RELRO range, exported PyInit_ name, its offset) from the section headers."""
     if elf[:4] != b"\x7fELF" or elf[4] != 2 or elf[5] != 1:
         raise ValueError("not a little-endian ELF64 file")
@@ -177,11 +183,11 @@ def _parse(elf: bytes, symbol: str, slot_types: set[int]) -> tuple[int, tuple[in
     return slot, relro, init[0], init[1]
 
 
-def _cstr(elf: bytes, at: int) -> str:
-    return elf[at: elf.index(b"\0", at)].decode("ascii", "replace")
+def _cstr(elf: bytes | mmap.mmap, at: int) -> str:
+    return elf[at: elf.find(b"\0", at)].decode("ascii", "replace")
 
 
-def _mapped_size(elf: bytes) -> int:
+def _mapped_size(elf: bytes | mmap.mmap) -> int:
     phoff = struct.unpack_from("<Q", elf, 0x20)[0]
     phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
     end = 0
