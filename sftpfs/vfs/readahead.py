@@ -164,7 +164,8 @@ class ReadAhead:
         self.blocks.bump(path)
         self._seen.pop(path, None)
 
-    def _all_available(self, v: Version) -> bool:
+    def all_cached(self, v: Version) -> bool:
+        """Every block of `v` in memory, in flight or on disk (stops at the first missing)."""
         return all(self.blocks.available(v.block_key(i)) for i in range(v.nblocks()))
 
     # ---- opens ------------------------------------------------------------------------
@@ -196,7 +197,7 @@ class ReadAhead:
         v = await self.version(path, a)
         if v is None or v.nblocks() > LOCAL_OPEN_MAX_BLOCKS:
             return None
-        if self._seen.get(path) == v and not self._all_available(v):
+        if self._seen.get(path) == v and not self.all_cached(v):
             # The kernel may hold pages of it: a change found at the first read that
             # reaches us would be ESTALE; on the server, it drops them at open.
             return None
@@ -326,7 +327,7 @@ class Reader:
         f = self.file
         if not self.announced:
             self.announce()
-            if not self.verified and not self.ra._all_available(self.version):
+            if not self.verified and not self.ra.all_cached(self.version):
                 # Partly cached: check the version before returning any of it, so a
                 # file changed on the server is read whole from its new version.
                 await self._verify()
@@ -607,7 +608,9 @@ class DirPrefetcher:
                     for name, a in listing:
                         if a.is_reg and name > after:
                             yield join(d, name), a
-                for name, a in listing:  # every subdirectory of the start directory
+                # The start directory's subdirectories, all of them; above it, those
+                # after the one the walk came up from.
+                for name, a in listing:
                     if a.is_dir and (in_start_dir or name > after):
                         async for item in self._files_below(join(d, name), files_first):
                             yield item
