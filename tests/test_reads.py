@@ -180,6 +180,20 @@ def test_open_without_reading_asks_nothing_of_the_server(sftp_server, remote_dir
     assert stats(mount, sftpfs_env, mnt)["requests"] > before
 
 
+def test_unreadable_file_fails_at_open_even_with_fresh_attributes(sftp_server, remote_dir, mount):
+    """An open answered without the server must not succeed where the server's would
+    fail: a file the login may not read is opened on the server (EACCES at open)."""
+    put(sftp_server, remote_dir / "open", b"anyone's")
+    secret = put(sftp_server, remote_dir / "secret", b"not yours")
+    os.chown(secret, 0, 0)  # root's, not the SFTP login's
+    secret.chmod(0o600)
+    mnt = mount()
+    assert sorted(os.listdir(mnt)) == ["open", "secret"]  # fresh attributes of both
+    with pytest.raises(PermissionError):
+        os.open(mnt / "secret", os.O_RDONLY)
+    assert (mnt / "open").read_bytes() == b"anyone's"
+
+
 def test_file_unlinked_or_replaced_while_open_reads_as_opened(sftp_server, remote_dir, mount,
                                                                sftpfs_env):
     """An open not yet sent to the server is sent before an unlink or a rename over the
