@@ -7,6 +7,7 @@ in vfs.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -186,6 +187,7 @@ class Operations(pyfuse3.Operations):
         self._next_fh = 1
         self.after_init: Callable[[], None] | None = None  # runs once the kernel has our INIT
         vfs.lister.on_change = self._server_changed
+        vfs.reads.on_version_change = self._file_changed
 
     def init(self) -> None:
         # Called inside libfuse's INIT handler, before its reply: what depends on the
@@ -208,6 +210,14 @@ class Operations(pyfuse3.Operations):
         for name in names:
             self.vfs.nursery.start_soon(self._invalidate_entry, parent, name,
                                         self.inodes.find(join(dir_path, name)))
+
+    async def _file_changed(self, f: OpenFile) -> None:
+        """A file opened without asking the server turned out changed there at its
+        first read: the kernel's size for it is the old one, and it clips reads to it.
+        (Attribute-only invalidation touches no page a read holds locked.)"""
+        if f.ino:
+            with trio.move_on_after(1):
+                await self._invalidate_attrs(f.ino)
 
     async def _invalidate_entry(self, parent: int, name: bytes, ino: int | None) -> None:
         # Off the request path, in a thread: the kernel takes the directory's
@@ -300,11 +310,13 @@ class Operations(pyfuse3.Operations):
         except pyfuse3.FUSEError:
             # Unlinked but maybe still open: the handle knows the file.
             for f in self._files.values():
-                if getattr(f, "ino", None) == inode:
-                    try:
-                        return self.entry(inode, await f.fstat())
-                    except OSError:  # not open on the server (opened from the cache)
-                        break
+                if getattr(f, "ino", None) != inode:
+                    continue
+                reader = getattr(f, "reader", None)
+                if reader is not None and not reader.verified:
+                    continue  # opened from the cache, never on the server: its path is another file's
+                with contextlib.suppress(OSError):
+                    return self.entry(inode, await f.fstat())
             last = self.inodes.last_attrs(inode)
             if last is None:
                 raise

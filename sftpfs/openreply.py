@@ -184,7 +184,10 @@ def _parse(elf: bytes | mmap.mmap, symbol: str, slot_types: set[int]) -> tuple[i
 
 
 def _cstr(elf: bytes | mmap.mmap, at: int) -> str:
-    return elf[at: elf.find(b"\0", at)].decode("ascii", "replace")
+    end = elf.find(b"\0", at)
+    if end < 0:
+        raise ValueError("unterminated string in the ELF file")
+    return elf[at:end].decode("ascii", "replace")
 
 
 def _mapped_size(elf: bytes | mmap.mmap) -> int:

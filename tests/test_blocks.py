@@ -115,16 +115,17 @@ async def _get_range(bc: BlockCache, v: Version, src, offset: int, size: int, ma
     return b"".join(parts)[offset - first * BS: offset - first * BS + end - offset]
 
 
-async def test_disk_writes_wait_for_reads_to_pause(tmp_path):
+async def test_disk_writes_wait_for_reads_to_pause(tmp_path, monkeypatch):
     """Writing blocks to disk competes with the reader for the CPU: a tree copied out
     of the mount at zero latency took a quarter longer with writes between fetches."""
-    quiet = blocks_mod.WRITE_QUIET
+    quiet = 1.0
+    monkeypatch.setattr(blocks_mod, "WRITE_QUIET", quiet)
 
     async def body(bc):
         key = b"k" * 24
         with bc.fetching():
             bc.put(key, b"x" * 1000)
-            await trio.sleep(3 * quiet)
+            await trio.sleep(quiet / 2)
             assert key in bc._queued  # blocks are arriving: not yet
         await trio.sleep(quiet / 4)
         assert key in bc._queued  # a moment after: more may come
@@ -132,6 +133,30 @@ async def test_disk_writes_wait_for_reads_to_pause(tmp_path):
             while key in bc._queued:
                 await trio.sleep(0.01)
         assert bc.disk.contains(key)
+
+    await _with_cache(tmp_path / "blocks", body)
+
+
+async def test_disk_writer_catches_up_while_reads_go_on(tmp_path, monkeypatch):
+    """Past WRITE_EAGER_BYTES the writer writes while blocks still arrive, down to
+    WRITE_CATCH_UP_TO. With the mark at the queue's limit, the queue sat just below
+    it, nothing was written, and every new block missed the disk."""
+    assert blocks_mod.WRITE_CATCH_UP_TO < blocks_mod.WRITE_EAGER_BYTES < blocks_mod.WRITE_QUEUE_BYTES
+    monkeypatch.setattr(blocks_mod, "WRITE_QUEUE_BYTES", 10_000)
+    monkeypatch.setattr(blocks_mod, "WRITE_EAGER_BYTES", 8_000)
+    monkeypatch.setattr(blocks_mod, "WRITE_CATCH_UP_TO", 3_000)
+
+    async def body(bc):
+        keys = [b"%024d" % i for i in range(40)]
+        with bc.fetching():  # one long read: no pause at all
+            for key in keys:
+                bc.put(key, b"x" * 1500)  # six fit below the limit, the seventh would not
+                await trio.sleep(0.02)
+            assert bc.stats["dropped"] == 0
+        with trio.fail_after(5):
+            while bc._queued:
+                await trio.sleep(0.01)
+        assert all(bc.disk.contains(k) for k in keys)
 
     await _with_cache(tmp_path / "blocks", body)
 
@@ -459,9 +484,19 @@ class FakeRemoteFile:
         data = await self.src.read(offset, length)
         return memoryview(data) if view else data
 
+    @property
+    def is_open(self) -> bool:
+        return self.opened > 0
+
     async def open(self) -> Attrs:
         self.opened += 1
         return self.attrs
+
+    async def fstat(self) -> Attrs:
+        return self.attrs
+
+    async def close(self) -> None:
+        pass
 
 
 class FakeFile:

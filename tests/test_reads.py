@@ -24,6 +24,7 @@ import pytest
 
 from sftpfs import runtime
 from sftpfs.vfs.blocks import BLOCK_SIZE, read_stats
+from tests.conftest import require
 from tests.test_meta import daemon_pid, stats
 
 OLD = 1_500_000_000
@@ -161,6 +162,24 @@ def test_partly_cached_file_changed_meanwhile_is_read_whole_new(sftp_server, rem
     assert (mnt / "p.bin").read_bytes() == new
 
 
+def test_file_grown_on_the_server_since_listed_is_read_to_its_new_end(sftp_server, remote_dir,
+                                                                       mount, tmp_path):
+    """The kernel clips reads to the size it was given; an open answered without the
+    server learns of the new size at the first read, and must tell the kernel."""
+    rng = random.Random(12)
+    old = rng.randbytes(4 * BLOCK_SIZE + 5000)  # the first read caches only its start
+    f = put(sftp_server, remote_dir / "g.bin", old)
+    cache = tmp_path / "cache"
+    mnt = mount(opts=(f"cache_dir={cache}",))
+    assert pread(mnt / "g.bin", 10, 4096) == old[10:4106]
+    mount.unmount(mnt)
+    mnt = mount(opts=(f"cache_dir={cache}",))
+    assert (mnt / "g.bin").stat().st_size == len(old)  # the kernel holds the old size
+    new = rng.randbytes(6 * BLOCK_SIZE + 77)
+    put(sftp_server, f, new, OLD + 60)
+    assert (mnt / "g.bin").read_bytes() == new
+
+
 def test_open_without_reading_asks_nothing_of_the_server(sftp_server, remote_dir, mount,
                                                           sftpfs_env):
     """rsync opens each file it replaces (its basis) and, copying whole files, never
@@ -168,7 +187,7 @@ def test_open_without_reading_asks_nothing_of_the_server(sftp_server, remote_dir
     files = {f"f{i}": os.urandom(5000 + i) for i in range(6)}
     for name, data in files.items():
         put(sftp_server, remote_dir / name, data)
-    mnt = mount()
+    mnt = mount(opts=("prefetch=0",))  # nothing listed in the background meanwhile
     assert sorted(os.listdir(mnt)) == sorted(files)
     for name in files:
         (mnt / name).stat()
@@ -183,6 +202,7 @@ def test_open_without_reading_asks_nothing_of_the_server(sftp_server, remote_dir
 def test_unreadable_file_fails_at_open_even_with_fresh_attributes(sftp_server, remote_dir, mount):
     """An open answered without the server must not succeed where the server's would
     fail: a file the login may not read is opened on the server (EACCES at open)."""
+    require(os.geteuid() == 0, "needs root: the file must belong to someone else")
     put(sftp_server, remote_dir / "open", b"anyone's")
     secret = put(sftp_server, remote_dir / "secret", b"not yours")
     os.chown(secret, 0, 0)  # root's, not the SFTP login's
@@ -194,14 +214,16 @@ def test_unreadable_file_fails_at_open_even_with_fresh_attributes(sftp_server, r
     assert (mnt / "open").read_bytes() == b"anyone's"
 
 
+@pytest.mark.parametrize("writeback", ["on", "off"])
 def test_file_unlinked_or_replaced_while_open_reads_as_opened(sftp_server, remote_dir, mount,
-                                                               sftpfs_env):
+                                                               sftpfs_env, writeback):
     """An open not yet sent to the server is sent before an unlink or a rename over the
-    file goes out: the handle keeps reading the file it opened, as on a local disk."""
+    file goes out: the handle keeps reading the file it opened, as on a local disk.
+    (Without write-back, the unlink and the rename reach the server at once.)"""
     gone, old = os.urandom(70_000), os.urandom(90_000)
     put(sftp_server, remote_dir / "gone", gone)
     put(sftp_server, remote_dir / "kept", old)
-    mnt = mount()
+    mnt = mount(opts=(f"writeback={writeback}",))
     (mnt / "gone").stat()
     (mnt / "kept").stat()
     fd1 = os.open(mnt / "gone", os.O_RDONLY)

@@ -314,6 +314,11 @@ class RemoteFile:
         self._session: SftpSession | None = None
         self._lock = trio.Lock()
 
+    @property
+    def is_open(self) -> bool:
+        """Open on the server, on a session that is still up."""
+        return self._handle is not None and self._session is not None and not self._session.closed
+
     async def _open(self) -> tuple[SftpSession, bytes]:
         s = await self.remote.session()
         if self._session is s and self._handle is not None:

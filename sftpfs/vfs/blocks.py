@@ -55,7 +55,8 @@ log = logging.getLogger(__name__)
 BLOCK_SIZE = 1024 * 1024
 MEM_BYTES = 64 * 2**20  # recent blocks kept in RAM: read-ahead waits here to be read
 WRITE_QUEUE_BYTES = 96 * 2**20  # blocks waiting for the disk; beyond this, new ones are not cached
-WRITE_EAGER_BYTES = 96 * 2**20  # write while blocks still arrive once this much waits
+WRITE_EAGER_BYTES = 80 * 2**20  # write while blocks still arrive once this much waits...
+WRITE_CATCH_UP_TO = 48 * 2**20  # ...until this little does (below WRITE_QUEUE_BYTES, or it stalls)
 WRITE_QUIET = 0.1  # seconds without fetches before the disk writer starts
 READAHEAD_SLOTS = 32  # READ requests in flight for read-ahead and prefetch (of 64 per session)
 DEMAND_SLOTS = 16  # READ requests in flight that a reader is waiting for
@@ -414,6 +415,7 @@ class BlockCache:
         self._wake = trio.Event()
         self._fetching = 0  # fetch runs going on
         self._fetched_at = 0.0  # when the last one ended
+        self._catching_up = False  # the writer is past WRITE_EAGER_BYTES, writing while reads go on
         self.readahead_slots = Slots(readahead_slots)
         self.demand_slots = Slots(demand_slots)
         self._disk_threads = trio.CapacityLimiter(4)
@@ -788,6 +790,10 @@ class BlockCache:
         """Blocks are arriving, or were a moment ago: writing them now would compete
         with the reader for the CPU (and the GIL), unless much is queued already."""
         if self._queued_bytes >= WRITE_EAGER_BYTES:
+            self._catching_up = True
+        elif self._queued_bytes <= WRITE_CATCH_UP_TO:
+            self._catching_up = False
+        if self._catching_up:
             return False
         return bool(self._fetching) or trio.current_time() - self._fetched_at < WRITE_QUIET
 
@@ -797,7 +803,9 @@ class BlockCache:
             self._wake = trio.Event()
             while True:
                 while self._reading():
-                    await trio.sleep(WRITE_QUIET / 2)
+                    with trio.move_on_after(WRITE_QUIET / 2):
+                        await self._wake.wait()  # a block queued: maybe past the eager mark
+                    self._wake = trio.Event()
                 if await self._write_some(yield_to_readers=True):
                     break
 

@@ -31,7 +31,7 @@ import os
 import stat
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -69,6 +69,10 @@ BATCHES_IN_FLIGHT = 4
 BULK_SLOTS = 128  # requests in flight on the prefetch channel
 
 
+async def _nothing(_f: OpenFile) -> None:
+    pass
+
+
 @dataclass
 class ReadOptions:
     """What -o cache_size, readahead_max and small_file set."""
@@ -92,6 +96,9 @@ class ReadAhead:
         self.prefetcher = DirPrefetcher(self)
         self._seen: OrderedDict[bytes, Version] = OrderedDict()  # version at the last open
         self._touched: OrderedDict[bytes, None] = OrderedDict()  # blocks read at random once
+        # A file opened locally turned out changed: the fs layer drops the kernel's size.
+        self.on_version_change: Callable[[OpenFile], Awaitable[None]] = _nothing
+        self._own_uids: set[int] = set()  # owners whose owner-only files the server let us read
         self.nursery: trio.Nursery | None = None
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -172,15 +179,23 @@ class ReadAhead:
 
     def _readable(self, a: Attrs) -> bool:
         """Whether the mode alone says the server would let us read the file (an open
-        answered locally must not succeed where the server's would fail)."""
-        mode = a.mode
+        answered locally must not succeed where the server's would fail): readable by
+        all, or by its owner if that is us (an upload showed it, or the server let us
+        read a file only its owner may read)."""
+        mode, uid = a.mode, a.uid
         if mode is None:
             return False
-        if mode & stat.S_IROTH:
-            return True
         deferred = getattr(self.vfs, "deferred", None)
-        owner = deferred.owner[0] if deferred is not None else None
-        return owner is not None and a.uid == owner and bool(mode & stat.S_IRUSR)
+        if deferred is not None and deferred.owner[0] is not None:
+            self._own_uids.add(deferred.owner[0])
+        if uid is not None and uid in self._own_uids:
+            return bool(mode & stat.S_IRUSR)
+        return mode & 0o444 == 0o444
+
+    def opened_on_server(self, a: Attrs) -> None:
+        """A read open the server allowed: if only the owner may read, we own it (or are root)."""
+        if a.mode is not None and a.uid is not None and a.mode & 0o444 == stat.S_IRUSR:
+            self._own_uids.add(a.uid)
 
     async def open_local(self, path: bytes) -> OpenFile | None:
         """Open read-only without asking the server, if fresh attributes name a cacheable version.
@@ -213,6 +228,7 @@ class ReadAhead:
         if f.writable:
             self.changed(f.path)
             return
+        self.opened_on_server(a)
         v = await self.version(f.path, a)
         if v is None:
             self._seen.pop(f.path, None)
@@ -245,6 +261,8 @@ class Reader:
         self.file = f
         self.version = v
         self.verified = not local  # opened on the server, with a stat of this version
+        self.verify_first: bool | None = None if local else False  # before any byte? (decided once)
+        self.stale = False  # ESTALE from now on: the file is not the one opened
         self.announced = False  # the directory prefetcher knows this file is being read
         self._verify_lock = trio.Lock()
         self.window = INITIAL_WINDOW
@@ -280,33 +298,46 @@ class Reader:
 
         If not, and nothing of the cached version was returned yet (and the
         kernel dropped its pages at open), this handle reads the server's
-        version instead; otherwise mixing would be possible: ESTALE.
+        version instead; otherwise mixing would be possible: ESTALE, for good.
         """
         if self.verified:
             return
         async with self._verify_lock:
             if self.verified:
                 return
-            if self.file.path is not None:
-                await self.ra.vfs.settle_for_server(self.file.path)  # e.g. renamed here
+            if self.stale or self.file.path is None:
+                # Unlinked or replaced here before it was opened on the server: its
+                # name is another file's now, or nobody's.
+                self.stale = True
+                raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
+            await self.ra.vfs.settle_for_server(self.file.path)  # e.g. renamed here
+            rf = self.file.remote
             try:
-                a = await self.file.remote.open()
+                # Opened already by a direct read (say, of a file with local changes):
+                # stat that handle rather than open a second one.
+                a = await (rf.fstat() if rf.is_open else rf.open())
             except OSError as e:
                 if e.errno != errno.ENOENT:
                     raise
                 # Gone from the server since we looked (within cache_timeout): as NFS says.
+                self.stale = True
                 raise OSError(errno.ESTALE, os.strerror(errno.ESTALE)) from None
+            if self.closed:
+                await rf.close()  # released meanwhile (say, pinned by a rename): ours to close
+            self.ra.opened_on_server(a)
             v = self.version
             if (a.size, a.mtime) != (v.size, v.mtime):
                 if self.served or self.file.keep_cache:
                     log.warning("%r changed on the server while open (cached version %d bytes, "
                                 "mtime %d; now %s bytes, mtime %s): stale file handle",
                                 v.path, v.size, v.mtime, a.size, a.mtime)
+                    self.stale = True
                     raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
                 log.info("%r changed on the server since it was listed; reading the new version",
                          v.path)
                 if self.file.path is not None:
                     self.ra.vfs.meta.put_attrs(self.file.path, a)
+                await self.ra.on_version_change(self.file)  # the kernel's size is the old one
                 nv = await self.ra.version(v.path, a)
                 if nv is None:
                     self.bypass = True
@@ -327,10 +358,13 @@ class Reader:
         f = self.file
         if not self.announced:
             self.announce()
-            if not self.verified and not self.ra.all_cached(self.version):
+        if not self.verified:
+            if self.verify_first is None:
                 # Partly cached: check the version before returning any of it, so a
                 # file changed on the server is read whole from its new version.
-                await self._verify()
+                self.verify_first = not self.ra.all_cached(self.version)
+            if self.verify_first or self.stale:
+                await self._verify()  # concurrent reads wait for the first one's check
         for _attempt in range(3):
             dirty = self.ra.dirty(f.path)
             if dirty is not None:
