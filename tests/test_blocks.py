@@ -161,6 +161,43 @@ async def test_disk_writer_catches_up_while_reads_go_on(tmp_path, monkeypatch):
     await _with_cache(tmp_path / "blocks", body)
 
 
+async def test_an_empty_disk_cache_is_not_asked(tmp_path, monkeypatch):
+    """A cold cache costs no lookups (SQLite queries, some on the event loop) until
+    something is stored; a cache that had blocks when opened is asked as always."""
+    asked: list[str] = []
+    usable = blocks_mod.Disk._usable
+
+    def counting(self, *, check=False):
+        asked.append("write" if check else "read")
+        return usable(self, check=check)
+
+    monkeypatch.setattr(blocks_mod.Disk, "_usable", counting)
+    monkeypatch.setattr(blocks_mod, "WRITE_QUIET", 0.01)
+    key = b"k" * 24
+
+    async def cold(bc):
+        asked.clear()  # (opening reads the epochs)
+        assert not bc.available(key) and await bc.on_disk([key]) == set()
+        assert await bc.get(key) is None
+        assert asked == []  # found empty when opened: nobody asked the database
+        bc.put(key, b"x" * 100)
+        with trio.fail_after(5):
+            while bc._queued:
+                await trio.sleep(0.01)
+        bc._mem.clear()
+        assert bc.available(key) and await bc.get(key) == b"x" * 100
+
+    await _with_cache(tmp_path / "blocks", cold)
+    asked.clear()
+
+    async def warm(bc):
+        asked.clear()
+        assert bc.available(key)
+        assert "read" in asked
+
+    await _with_cache(tmp_path / "blocks", warm)
+
+
 async def test_fetch_assembles_blocks_exactly(tmp_path):
     data = random.Random(1).randbytes(3 * BS + 1234)
     src = Source(data)

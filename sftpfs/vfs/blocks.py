@@ -146,6 +146,10 @@ class Disk:
         self._last_warning = -WARN_EVERY
         self._lock = threading.Lock()
         self._last_check = 0.0
+        # Nothing on disk: found empty when opened, nothing stored since. A cold cache
+        # then costs no lookups (an SQLite query each, on the event loop for some).
+        # Another mount sharing the directory may store meanwhile: a miss, not an error.
+        self.empty = False
         if directory is not None:
             self._open()
 
@@ -167,6 +171,7 @@ class Disk:
                                           eviction_policy="least-recently-used", cull_limit=1)
             self._epochs = diskcache.Index(str(self.directory / "epochs"), timeout=2)
             self._ino = self._identity()
+            self.empty = len(self._cache) == 0
             self._recover_epochs()
             self.generation += 1
             return True
@@ -241,6 +246,8 @@ class Disk:
             return None
 
     def contains(self, key: bytes) -> bool:
+        if self.empty:
+            return False
         c = self._usable()
         if c is None:
             return False
@@ -259,6 +266,7 @@ class Disk:
         c = self._usable(check=True)
         if c is None:
             return 0
+        self.empty = False
         small = [(k, d) for k, d in items if len(d) < SMALL_VALUE]
         n = 0
         try:
@@ -470,7 +478,7 @@ class BlockCache:
     async def on_disk(self, keys: list[bytes]) -> set[bytes]:
         """Which of `keys` are in the disk cache, looked up in a thread (the
         directory prefetcher asks about many files at once)."""
-        if not keys or not self.disk.enabled:
+        if not keys or not self.disk.enabled or self.disk.empty:
             return set()
         return await trio.to_thread.run_sync(
             lambda: {k for k in keys if self.disk.contains(k)}, limiter=self._disk_threads)
@@ -496,7 +504,7 @@ class BlockCache:
             return data
         b = self._inflight.get(key)
         if b is None:
-            if not disk or not self.disk.enabled:
+            if not disk or not self.disk.enabled or self.disk.empty:
                 return None
             b = self.begin(key)
             assert b is not None
